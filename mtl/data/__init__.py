@@ -1,0 +1,6 @@
+"""Data sets: embedded ones that ship with the dependencies, and loaders for the real ones on disk."""
+
+from .mnist import load_mnist
+from .multimnist import MultiMNIST
+
+__all__ = ["load_mnist", "MultiMNIST"]

@@ -1,0 +1,115 @@
+"""Shared encoders, built by name, offline with random weights unless asked otherwise.
+
+Names:
+- ``multilenet``: the LeNet-style encoder of Sener & Koltun (2018) for 28x28 inputs.
+- ``resnet18``, ``resnet34``, ``resnet50``: torchvision ResNets without their classifier.
+- ``smp:<name>``: any segmentation-models-pytorch encoder (e.g. ``smp:resnet50``,
+  ``smp:efficientnet-b0``); returns the list of feature maps, or a pooled vector
+  with ``pooled=True``.
+
+Every encoder has ``out_features`` (vector encoders) or ``out_channels`` (feature-map
+encoders) so heads can be sized without a dummy forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import ConfigError
+
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50")
+
+
+class MultiLeNetEncoder(nn.Module):
+    """Shared trunk of Sener & Koltun's MultiLeNet: two 5x5 convs and a linear layer.
+
+    28x28 input -> 50-dimensional representation.
+    """
+
+    out_features = 50
+
+    def __init__(self, in_channels: int = 1, dropout: float = 0.5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 10, kernel_size=5)
+        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+        self.conv2_drop = nn.Dropout2d(dropout)
+        self.fc = nn.Linear(320, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (28, 28):
+            raise ConfigError(
+                f"multilenet expects 28x28 inputs, got {tuple(x.shape[-2:])}. "
+                "Resize the images or pick a resolution-agnostic encoder such as resnet18."
+            )
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
+        return F.relu(self.fc(x.flatten(1)))
+
+
+class TorchvisionResNet(nn.Module):
+    """A torchvision ResNet up to its global pooling: image -> feature vector."""
+
+    def __init__(self, name: str, in_channels: int = 3, pretrained: bool = False):
+        super().__init__()
+        import torchvision
+
+        weights = "DEFAULT" if pretrained else None  # downloaded only when asked
+        net = getattr(torchvision.models, name)(weights=weights)
+        if in_channels != 3:
+            old = net.conv1
+            net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+        self.out_features = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SmpEncoder(nn.Module):
+    """A segmentation-models-pytorch encoder: image -> list of feature maps (or a pooled vector)."""
+
+    def __init__(self, name: str, in_channels: int = 3, pretrained: bool = False, depth: int = 5,
+                 output_stride: int = 32, pooled: bool = False):
+        super().__init__()
+        import segmentation_models_pytorch as smp
+
+        available = smp.encoders.get_encoder_names()
+        if name not in available:
+            raise ConfigError(
+                f"unknown segmentation-models-pytorch encoder '{name}'. "
+                f"Choose one of: {', '.join(sorted(available)[:30])}, ... (smp.encoders.get_encoder_names())."
+            )
+        self.encoder = smp.encoders.get_encoder(
+            name, in_channels=in_channels, depth=depth,
+            weights="imagenet" if pretrained else None, output_stride=output_stride,
+        )
+        self.out_channels = list(self.encoder.out_channels)
+        self.pooled = pooled
+        if pooled:
+            self.out_features = self.out_channels[-1]
+
+    def forward(self, x: torch.Tensor):
+        features = self.encoder(x)
+        if self.pooled:
+            return torch.flatten(F.adaptive_avg_pool2d(features[-1], 1), 1)
+        return features
+
+
+def encoder_names() -> list[str]:
+    return ["multilenet", *TORCHVISION_RESNETS, "smp:<encoder name>"]
+
+
+def build_encoder(name: str, in_channels: int = 3, pretrained: bool = False, **options) -> nn.Module:
+    """Build a shared encoder by name (see the module docstring for the names)."""
+    if name == "multilenet":
+        if pretrained:
+            raise ConfigError("multilenet has no pretrained weights; drop pretrained=True (--pretrained).")
+        return MultiLeNetEncoder(in_channels=in_channels, **options)
+    if name in TORCHVISION_RESNETS:
+        return TorchvisionResNet(name, in_channels=in_channels, pretrained=pretrained, **options)
+    if name.startswith("smp:"):
+        return SmpEncoder(name[len("smp:"):], in_channels=in_channels, pretrained=pretrained, **options)
+    raise ConfigError(f"unknown encoder '{name}'. Choose one of: {', '.join(encoder_names())}.")
