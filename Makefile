@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python scripts/train_multimnist.py --out runs/demo --single-task-baselines
+	$(BIN)/python scripts/train_multimnist.py --out runs/demo --single-task-baselines --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -69,6 +69,7 @@ from mtl.weighting import build_weighting  # noqa: E402
 
 TASKS = ("left", "right")
 TARGET_RATIO = 1.05
+NOISY_SPREAD = 1.25  # max / min epoch time of one side above which the run is flagged as noisy
 LR = 1e-3
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -181,6 +182,13 @@ def timed(fn, threads: int) -> float:
     return time.perf_counter() - t0
 
 
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
 def machine_info(threads_default: int, threads_used: int) -> dict:
     import accelerate
 
@@ -226,7 +234,12 @@ def write_markdown(path: Path, result: dict) -> None:
         f"(target <= {TARGET_RATIO}: {result['verdict']}).",
         "",
         "Per-round ratios: " + ", ".join(f"{r:.3f}" for r in f["round_ratios"])
-        + f" (median {f['median_round_ratio']:.3f}).",
+        + f" (median {f['median_round_ratio']:.3f}); ratio of minimum epoch times {f['ratio_of_minimums']:.3f}.",
+        "",
+        f"Load average (1, 5, 15 min): start {result['load_average_1_5_15min']['start']}, "
+        f"end {result['load_average_1_5_15min']['end']}."
+        + (" **Noisy run**: epoch times of one side varied by more than "
+           f"{NOISY_SPREAD}x (max / min); treat the ratio with caution." if result["noisy"] else ""),
         "",
         f"Timed, bare: {result['timed']['bare']}.",
         "",
@@ -251,7 +264,7 @@ def write_markdown(path: Path, result: dict) -> None:
 def side_stats(times: list[float], batches: int) -> dict:
     med = statistics.median(times)
     return {"epochs_s": times, "median_s": med, "min_s": min(times), "max_s": max(times),
-            "median_ms_per_batch": 1000 * med / batches}
+            "spread_max_over_min": max(times) / min(times), "median_ms_per_batch": 1000 * med / batches}
 
 
 def main(argv=None) -> int:
@@ -262,6 +275,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
 
+    load_start = load_average()
     t0 = time.perf_counter()
     dataset = MultiMNIST("train", size=args.pairs, seed=args.seed, root=args.data_root)
     print(f"data: {len(dataset)} MultiMNIST training pairs built in {time.perf_counter() - t0:.1f}s; "
@@ -295,6 +309,7 @@ def main(argv=None) -> int:
         steps = trainer.trainer.progress.step
         skipped = trainer.trainer.history["skipped_steps"]
 
+    load_end = load_average()
     round_ratios = [t / b for b, t in zip(bare_times, trainer_times)]
     figures = {
         "bare": side_stats(bare_times, batches),
@@ -305,13 +320,16 @@ def main(argv=None) -> int:
     }
     ratio = figures["trainer"]["median_s"] / figures["bare"]["median_s"]
     figures["ratio_of_medians"] = ratio
+    figures["ratio_of_minimums"] = figures["trainer"]["min_s"] / figures["bare"]["min_s"]
+    spread = max(figures["bare"]["spread_max_over_min"], figures["trainer"]["spread_max_over_min"])
+    noisy = spread > NOISY_SPREAD
     figures["overhead_ms_per_batch"] = (figures["trainer"]["median_ms_per_batch"]
                                         - figures["bare"]["median_ms_per_batch"])
     figures["last_epoch_mean_loss"] = {"bare": loss_bare, "trainer": loss_trainer}
     figures["trainer_steps"] = steps
     figures["trainer_skipped_steps"] = skipped
     verdict = "PASS" if ratio <= TARGET_RATIO else "ABOVE TARGET"
-    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["main", *argv])
+    command = shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])])
     result = {
         "benchmark": "trainer_overhead",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -323,6 +341,8 @@ def main(argv=None) -> int:
                    "schedule": "1 warm-up epoch per side, then rounds of (bare epoch, trainer epoch)"},
         "timed": {"bare": TIMED_BARE, "trainer": TIMED_TRAINER},
         "machine": machine_info(threads_default, threads),
+        "load_average_1_5_15min": {"start": load_start, "end": load_end},
+        "noisy": noisy,
         "figures": figures,
         "target_ratio": TARGET_RATIO,
         "verdict": verdict,
@@ -344,7 +364,13 @@ def main(argv=None) -> int:
               f"{s['median_ms_per_batch']:>9.2f}")
     print(f"per-round ratios: {', '.join(f'{r:.3f}' for r in round_ratios)} "
           f"(median {figures['median_round_ratio']:.3f})")
-    print(f"overhead: {figures['overhead_ms_per_batch']:+.2f} ms/batch")
+    print(f"ratio of minimum epoch times: {figures['ratio_of_minimums']:.3f}")
+    print(f"overhead: {figures['overhead_ms_per_batch']:+.2f} ms/batch (difference of the medians)")
+    print(f"load average (1, 5, 15 min): start {load_start}, end {load_end}")
+    if noisy:
+        print(f"NOISY: epoch times of one side vary up to {spread:.2f}x (max / min) within this run, so the machine "
+              "was busy; the ratio is unreliable. Rerun when the machine is quiet, with more --repeats, or with "
+              "--threads 1 (oversubscribed torch threads make busy-machine timings far noisier).")
     print(f"mean loss of the last epoch: bare {loss_bare}, trainer {loss_trainer}")
     print(f"results: {out / 'trainer_overhead.json'}, {out / 'trainer_overhead.md'}")
     print(f"{verdict}: trainer / bare = {ratio:.3f} (ratio of median epoch times; target <= {TARGET_RATIO})")

@@ -102,8 +102,14 @@ def encoder_names() -> list[str]:
     return ["multilenet", *TORCHVISION_RESNETS, "smp:<encoder name>"]
 
 
-def build_encoder(name: str, in_channels: int = 3, pretrained: bool = False, **options) -> nn.Module:
-    """Build a shared encoder by name (see the module docstring for the names)."""
+def build_encoder(name: str, in_channels: int | None = None, pretrained: bool = False, **options) -> nn.Module:
+    """Build a shared encoder by name (see the module docstring for the names).
+
+    ``in_channels`` defaults to the encoder's usual input: 1 (grey digits) for
+    multilenet, 3 (RGB) for the others.
+    """
+    if in_channels is None:
+        in_channels = 1 if name == "multilenet" else 3
     if name == "multilenet":
         if pretrained:
             raise ConfigError("multilenet has no pretrained weights; drop pretrained=True (--pretrained).")
