@@ -16,7 +16,7 @@ last checkpoint recomputes exactly what the uninterrupted run computed.
 from __future__ import annotations
 
 import logging
-import time
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,8 @@ class Trainer:
                  train_data: Dataset, eval_data: Dataset | None, config: TrainerConfig, run_dir,
                  run_config: dict | None = None, overwrite: bool = False):
         config.validate()
+        if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
+            raise ConfigError("fp16 mixed precision needs a CUDA GPU; on the CPU use mixed_precision='bf16' or 'no'.")
         self.config, self.tasks, self.run_config = config, list(tasks), dict(run_config or {})
         self._check_tasks(model, weighting)
         self._check_data(train_data, eval_data)
@@ -63,8 +65,6 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
-            raise ConfigError("fp16 mixed precision needs a CUDA GPU; on the CPU use mixed_precision='bf16' or 'no'.")
         _reset_accelerate_state()
         self.accelerator = Accelerator(
             cpu=config.cpu, mixed_precision=config.mixed_precision,
@@ -88,6 +88,7 @@ class Trainer:
                                      generator=torch.Generator().manual_seed(config.seed))
         self.weighting = weighting.to(self.accelerator.device)
         self.weighting.bind(self.accelerator)
+        self.shared_params = list(model.shared_parameters())
         optimizer = build_optimizer(list(model.parameters()) + list(weighting.parameters()), config)
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, optimizer, train_loader)
         self.eval_loader = self.accelerator.prepare(eval_loader) if eval_loader is not None else None
@@ -135,7 +136,7 @@ class Trainer:
         if self.accelerator.num_processes > 1:  # every rank must agree on skipping
             values = self.accelerator.reduce(values, reduction="mean")
         values = dict(zip(losses, values.tolist()))
-        bad = [t for t, v in values.items() if not torch.isfinite(torch.tensor(v))]
+        bad = [t for t, v in values.items() if not math.isfinite(v)]
         if bad:
             if self.config.on_nonfinite == "error":
                 raise NonFiniteLossError(bad[0], self.progress.step + 1, values[bad[0]],
@@ -143,8 +144,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.history["skipped_steps"] += 1
             return None
-        shared = list(self.accelerator.unwrap_model(self.model).shared_parameters())
-        weights = self.weighting.backward(losses, shared_params=shared, rep=rep)
+        weights = self.weighting.backward(losses, shared_params=self.shared_params, rep=rep)
         self._sync_weighting_grads()
         if self.config.grad_clip is not None:
             self.accelerator.clip_grad_norm_(self._trainable_parameters(), self.config.grad_clip)
