@@ -61,7 +61,7 @@ from mtl.config import TrainerConfig  # noqa: E402
 from mtl.data import MultiMNIST  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
 from mtl.heads import ClassificationHead  # noqa: E402
-from mtl.io import write_json  # noqa: E402
+from mtl.io import atomic_write, write_json  # noqa: E402
 from mtl.model import MultiTaskModel  # noqa: E402
 from mtl.tasks import classification_task  # noqa: E402
 from mtl.trainer import Trainer  # noqa: E402
@@ -248,17 +248,7 @@ def write_markdown(path: Path, result: dict) -> None:
         f"Command: `{result['command']}`",
         "",
     ]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write("\n".join(rows))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: fh.write("\n".join(rows)), mode="w")
 
 
 def side_stats(times: list[float], batches: int) -> dict:

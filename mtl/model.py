@@ -17,6 +17,13 @@ class MultiTaskModel(nn.Module):
     returns the shared representation ``z`` so that weightings working on ``z``
     (MGDA-UB) get it from the same forward pass, which under DDP must go through the
     wrapped module's ``forward``.
+
+    An encoder with ``per_task = True`` (cross-stitch columns, per-task patches) is
+    called as ``encoder(x, tasks)`` and returns ``{task: representation}``; each head
+    then reads its own task's entry.
+
+    A module anywhere in the model may set ``lr_scale``: its parameters then train with
+    ``lr_scale`` times the base learning rate (see ``parameter_groups``).
     """
 
     def __init__(self, encoder: nn.Module, heads: dict[str, nn.Module] | nn.ModuleDict):
@@ -30,14 +37,17 @@ class MultiTaskModel(nn.Module):
     def task_names(self) -> list[str]:
         return list(self.heads.keys())
 
-    def encode(self, x: torch.Tensor):
+    def encode(self, x: torch.Tensor, tasks: Iterable[str] | None = None):
+        if getattr(self.encoder, "per_task", False):
+            return self.encoder(x, self._check_tasks(tasks))
         return self.encoder(x)
 
     def decode(self, z, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        return {name: self.heads[name](z) for name in self._check_tasks(tasks)}
+        return {name: self.heads[name](z[name] if isinstance(z, dict) else z) for name in self._check_tasks(tasks)}
 
     def forward(self, x: torch.Tensor, tasks: Iterable[str] | None = None, return_rep: bool = False):
-        z = self.encode(x)
+        tasks = self._check_tasks(tasks)
+        z = self.encode(x, tasks)
         outputs = self.decode(z, tasks)
         return (outputs, z) if return_rep else outputs
 
@@ -46,6 +56,22 @@ class MultiTaskModel(nn.Module):
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         return self.heads[task].parameters()
+
+    def parameter_groups(self) -> list[dict]:
+        """The parameters grouped by learning-rate scale: ``[{"params": [...], "lr_scale": s}, ...]``.
+
+        A parameter takes the ``lr_scale`` of its closest enclosing module that sets one (1.0 by default).
+        """
+        scale_of: dict[int, float] = {}
+        for _, module in sorted(self.named_modules(), key=lambda item: item[0].count(".") if item[0] else -1):
+            scale = getattr(module, "lr_scale", None)
+            if scale is not None:
+                for p in module.parameters():
+                    scale_of[id(p)] = float(scale)  # deeper modules come later and win
+        groups: dict[float, list[nn.Parameter]] = {}
+        for p in self.parameters():
+            groups.setdefault(scale_of.get(id(p), 1.0), []).append(p)
+        return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
 
     def add_head(self, name: str, head: nn.Module) -> None:
         if name in self.heads:

@@ -8,6 +8,10 @@ from .config import TrainerConfig
 
 
 def build_optimizer(params, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    """``params``: parameters, or groups ``{"params": [...], "lr_scale": s}`` trained at ``s * cfg.lr``."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{"params": g["params"], "lr": cfg.lr * g.get("lr_scale", 1.0)} for g in params]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":

@@ -89,7 +89,10 @@ class Trainer:
         self.weighting = weighting.to(self.accelerator.device)
         self.weighting.bind(self.accelerator)
         self.shared_params = list(model.shared_parameters())
-        optimizer = build_optimizer(list(model.parameters()) + list(weighting.parameters()), config)
+        groups = model.parameter_groups()
+        if not weighting.own_optimizer and list(weighting.parameters()):
+            groups.append({"params": list(weighting.parameters()), "lr_scale": 1.0})
+        optimizer = build_optimizer(groups, config)
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, optimizer, train_loader)
         self.eval_loader = self.accelerator.prepare(eval_loader) if eval_loader is not None else None
         # Per-epoch schedule, deliberately not prepared: Accelerate would step it once per process.
@@ -157,7 +160,7 @@ class Trainer:
 
     def _sync_weighting_grads(self):
         # The weighting is not wrapped by DDP, so its learned weights' gradients are averaged here.
-        if self.accelerator.num_processes > 1:
+        if self.accelerator.num_processes > 1 and not self.weighting.own_optimizer:
             for p in self.weighting.parameters():
                 if p.grad is not None:
                     p.grad = self.accelerator.reduce(p.grad, reduction="mean")

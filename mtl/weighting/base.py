@@ -30,6 +30,9 @@ class Weighting(nn.Module):
     #: set by methods that need ``shared_params`` or ``rep`` in ``backward``
     needs_shared_params: bool = False
     needs_rep: bool = False
+    #: True for methods that update their learned weights with an optimizer of their own (GradNorm);
+    #: otherwise the Trainer optimises the weighting's parameters with the model's.
+    own_optimizer: bool = False
 
     def __init__(self, task_names: Iterable[str]):
         super().__init__()
@@ -38,15 +41,42 @@ class Weighting(nn.Module):
             raise ConfigError("a weighting needs at least one task name.")
         self.accelerator = None
 
-    def bind(self, accelerator) -> None:
-        """Route backward passes through ``accelerator`` (loss scaling, DDP)."""
-        self.accelerator = accelerator
-
     def run_backward(self, loss: torch.Tensor) -> None:
         if self.accelerator is not None:
             self.accelerator.backward(loss)
         else:
             loss.backward()
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes if self.accelerator is not None else 1
+
+    def all_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean over processes (identity on one process): ``autograd.grad`` results are not averaged by DDP."""
+        if self.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.contiguous(), reduction="mean")
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.contiguous(), reduction="sum")
+
+    def refuse_fp16(self) -> None:
+        """For methods built on ``autograd.grad``, which bypasses fp16's loss scaler."""
+        if self.accelerator is not None and self.accelerator.mixed_precision == "fp16":
+            raise ConfigError(
+                f"{type(self).__name__} computes per-task gradients with autograd.grad, which fp16's loss "
+                "scaler does not cover (small gradients would underflow); use mixed_precision='bf16'."
+            )
+
+    def bind(self, accelerator) -> None:
+        """Route backward passes through ``accelerator`` (loss scaling, DDP)."""
+        self.accelerator = accelerator
+        self.on_bind()
+
+    def on_bind(self) -> None:
+        """Hook for methods that must check the accelerator's settings."""
 
     def check_losses(self, losses: dict[str, torch.Tensor]) -> None:
         if set(losses) != set(self.task_names):
@@ -58,6 +88,14 @@ class Weighting(nn.Module):
     def backward(self, losses: dict[str, torch.Tensor], shared_params: list[nn.Parameter] | None = None,
                  rep: torch.Tensor | None = None) -> dict[str, float]:
         raise NotImplementedError
+
+    def stacked(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The losses as one vector, in ``task_names`` order."""
+        self.check_losses(losses)
+        return torch.stack([losses[t] for t in self.task_names])
+
+    def as_dict(self, weights: torch.Tensor) -> dict[str, float]:
+        return dict(zip(self.task_names, weights.detach().float().cpu().tolist()))
 
 
 class LinearWeighting(Weighting):

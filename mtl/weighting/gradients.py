@@ -1,0 +1,44 @@
+"""Per-task gradients of a loss vector, in one batched pass where torch allows it."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+def per_task_gradients(losses: torch.Tensor, inputs: list[torch.Tensor], batched: bool = True) -> list[torch.Tensor]:
+    """Gradients of each ``losses[t]`` w.r.t. each input: one tensor ``(T, *input.shape)`` per input.
+
+    ``batched=True`` back-propagates the T unit vectors together
+    (``autograd.grad(..., is_grads_batched=True)``, vmap over the backward pass); an
+    operation without a batching rule makes it fall back to one backward per task.
+    The graph is kept for the caller's later backward pass. Inputs a task does not
+    reach get zeros.
+    """
+    T = losses.shape[0]
+    if batched and T > 1:
+        eye = torch.eye(T, dtype=losses.dtype, device=losses.device)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)  # vmap's slow fallback warns: use the loop instead
+                grads = torch.autograd.grad(losses, inputs, grad_outputs=eye, retain_graph=True,
+                                            allow_unused=True, is_grads_batched=True)
+            return [_zeros_if_none(g, x, T) for g, x in zip(grads, inputs)]
+        except (RuntimeError, UserWarning):
+            pass
+    per_task = [torch.autograd.grad(losses[t], inputs, retain_graph=True, allow_unused=True) for t in range(T)]
+    return [torch.stack([_zeros_if_none(per_task[t][i], x, None) for t in range(T)])
+            for i, x in enumerate(inputs)]
+
+
+def _zeros_if_none(grad, like, T):
+    if grad is not None:
+        return grad
+    shape = like.shape if T is None else (T, *like.shape)
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+def flat_matrix(grads: list[torch.Tensor]) -> torch.Tensor:
+    """``[(T, ...), ...]`` -> ``(T, P)``: each task's gradient as one row."""
+    return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
