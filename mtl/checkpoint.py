@@ -81,7 +81,7 @@ def compare_fingerprints(saved: dict, current: dict, path) -> None:
 
 
 def shapes(module: torch.nn.Module) -> dict[str, list[int]]:
-    return {name: list(t.shape) for name, t in module.state_dict().items()}
+    return {name: list(t.shape) for name, t in module.state_dict().items() if torch.is_tensor(t)}
 
 
 def capture_rng() -> dict:

@@ -35,3 +35,7 @@ class NonFiniteLossError(MultisupError, FloatingPointError):
             f"loss of task '{task}' is {value} at step {step}. {where} "
             "To skip such steps instead of stopping, use on_nonfinite='skip' (--on-nonfinite skip)."
         )
+
+
+class SolverError(MultisupError, ValueError):
+    """Input a numerical solver cannot use: a non-finite, non-square or non-symmetric matrix, and so on."""

@@ -183,7 +183,10 @@ class Trainer:
                 self._train_epoch()
                 self._end_epoch()
         finally:
-            self.accelerator.end_training()
+            # Not accelerator.end_training(): it also destroys the process group, and a
+            # process may go on to train another model (baselines, comparisons).
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
         return self.history
 
     def _train_epoch(self):

@@ -33,7 +33,7 @@ def killing_trainer(kill_at_step=None, kill_in_eval_of_epoch=None):
 def final_state(trainer):
     model = trainer.accelerator.unwrap_model(trainer.model)
     return ({k: v.clone() for k, v in model.state_dict().items()},
-            {k: v.clone() for k, v in trainer.weighting.state_dict().items()})
+            {k: v.clone() for k, v in trainer.weighting.state_dict().items() if torch.is_tensor(v)})
 
 
 def assert_same_run(h1, s1, h2, s2):
@@ -110,3 +110,19 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, reference):
     history = again.fit(resume=tmp_path)
     assert_same_run(ref_history, ref_state, history, final_state(again))
     assert len(history["epochs"]) == 3
+
+
+def test_gradnorm_run_resumes_with_its_weights_and_optimizer(tmp_path):
+    """GradNorm's weights, initial losses and its own Adam state live in the checkpoint."""
+    reference_dir, crash_dir = tmp_path / "ref", tmp_path / "crash"
+    ref = make_trainer(reference_dir, weighting="gradnorm", checkpoint_every=4, log_every=1)
+    ref_history = ref.fit()
+    first = make_trainer(crash_dir, weighting="gradnorm", checkpoint_every=4, log_every=1,
+                         trainer_cls=killing_trainer(kill_at_step=11))
+    with pytest.raises(Killed):
+        first.fit()
+    second = make_trainer(crash_dir, weighting="gradnorm", checkpoint_every=4, log_every=1)
+    history = second.fit(resume=crash_dir)
+    assert_same_run(ref_history, final_state(ref), history, final_state(second))
+    weights = [s["weights"] for s in history["steps"]]
+    assert weights[0] == {"a": 1.0, "b": 1.0} and weights[-1] != weights[0]

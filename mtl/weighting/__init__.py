@@ -7,6 +7,8 @@ from typing import Iterable
 from ..errors import ConfigError
 from .base import LinearWeighting, Weighting
 from .equal import EqualWeighting
+from .gradnorm import GradNormWeighting
+from .mgda import MGDAUBWeighting, MGDAWeighting
 from .static import StaticWeighting
 from .uncertainty import UncertaintyWeighting
 
@@ -14,6 +16,9 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
     "equal": EqualWeighting,
     "static": StaticWeighting,
     "uncertainty": UncertaintyWeighting,
+    "gradnorm": GradNormWeighting,
+    "mgda": MGDAWeighting,
+    "mgda_ub": MGDAUBWeighting,
 }
 
 
@@ -32,4 +37,5 @@ def build_weighting(name: str, tasks: Iterable, **options) -> Weighting:
 
 
 __all__ = ["Weighting", "LinearWeighting", "WEIGHTINGS", "build_weighting",
-           "EqualWeighting", "StaticWeighting", "UncertaintyWeighting"]
+           "EqualWeighting", "StaticWeighting", "UncertaintyWeighting", "GradNormWeighting",
+           "MGDAWeighting", "MGDAUBWeighting"]
