@@ -30,8 +30,41 @@ def plot_history(history: dict, path: str | Path, metric: str = "accuracy", titl
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    _save(fig, path)
+    return Path(path)
+
+
+def plot_weight_trajectories(histories: dict[str, dict], path: str | Path, title: str | None = None) -> Path:
+    """One panel per method: the weight of each task at every recorded step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(histories)
+    cols = min(3, max(1, len(names)))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        steps = histories[name]["steps"]
+        for task in histories[name]["tasks"]:
+            ax.plot([s["step"] for s in steps], [s["weights"][task] for s in steps], label=task)
+        ax.set(title=name, xlabel="step", ylabel="task weight")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+    return Path(path)
+
+
+def _save(fig, path) -> None:
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
-    return Path(path)

@@ -10,6 +10,10 @@ Examples:
   python scripts/train_multimnist.py --out runs/equal
   python scripts/train_multimnist.py --weighting uncertainty --single-task-baselines
   python scripts/train_multimnist.py --weighting static --static-weights left=1,right=0.5
+  python scripts/train_multimnist.py --weighting mgda_ub --normalization loss+
+  python scripts/train_multimnist.py --architecture cross_stitch
+  python scripts/train_multimnist.py --architecture patches --encoder resnet18 --patch-type scale_bias
+  python scripts/train_multimnist.py --compare --seeds 0,1,2 --out runs/compare   # every method, one table
   python scripts/train_multimnist.py --out runs/equal --resume        # continue a killed run
   accelerate launch scripts/train_multimnist.py --mixed-precision bf16
 """
@@ -19,13 +23,16 @@ from __future__ import annotations
 import argparse
 import logging
 import resource
+import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without installing
 
 import torch  # noqa: E402
 
+from mtl.architectures import build_cross_stitch_encoder, build_patched_encoder, PATCH_TYPES  # noqa: E402
 from mtl.config import NONFINITE_POLICIES, OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainerConfig  # noqa: E402
 from mtl.data.multimnist import TASKS, MultiMNIST  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
@@ -33,12 +40,16 @@ from mtl.errors import ConfigError, MultisupError  # noqa: E402
 from mtl.heads import ClassificationHead  # noqa: E402
 from mtl.io import atomic_write, write_json  # noqa: E402
 from mtl.model import MultiTaskModel  # noqa: E402
-from mtl.plotting import plot_history  # noqa: E402
+from mtl.plotting import plot_history, plot_weight_trajectories  # noqa: E402
 from mtl.tasks import classification_task  # noqa: E402
 from mtl.trainer import Trainer  # noqa: E402
 from mtl.weighting import WEIGHTINGS, build_weighting  # noqa: E402
+from mtl.weighting.min_norm import NORMALIZATIONS  # noqa: E402
 
 PUBLISHED = "Sener & Koltun 2018 (60k pairs, full MNIST): single task 97.23 / 95.90, uniform 96.46 / 94.99"
+ARCHITECTURES = ("shared", "cross_stitch", "patches")
+#: methods of --compare: a weighting name, or an architecture trained with equal weighting
+COMPARE_DEFAULT = "equal,uncertainty,gradnorm,mgda,mgda_ub,cross_stitch"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,9 +58,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--weighting", default="equal", choices=sorted(WEIGHTINGS), help="loss-balancing method (default: equal)")
     g.add_argument("--static-weights", default=None, metavar="TASK=W,...",
                    help="weights for --weighting static, e.g. left=1.0,right=0.5")
-    g.add_argument("--encoder", default="multilenet", help="shared encoder name (default: multilenet)")
+    g.add_argument("--normalization", default="loss+", choices=NORMALIZATIONS,
+                   help="gradient normalisation inside the MGDA solver (default: loss+, as Sener & Koltun)")
+    g.add_argument("--gradnorm-alpha", type=float, default=1.5, help="GradNorm asymmetry alpha (default: 1.5)")
+    g.add_argument("--gradnorm-lr", type=float, default=0.025, help="learning rate of GradNorm's weights")
+    g.add_argument("--architecture", default="shared", choices=ARCHITECTURES,
+                   help="shared encoder + heads, cross-stitch columns, or per-task model patches")
+    g.add_argument("--cross-stitch-lr-scale", type=float, default=10.0,
+                   help="learning-rate multiplier of the cross-stitch units (default 10 suits Adam; the paper's "
+                        "1000 was for SGD)")
+    g.add_argument("--patch-type", default="scale_bias", choices=PATCH_TYPES,
+                   help="model patches: per-task normalisation layers, depthwise convolutions, or both")
+    g.add_argument("--encoder", default="multilenet",
+                   help="encoder name (default: multilenet; patches need one with BatchNorm, e.g. resnet18)")
     g.add_argument("--single-task-baselines", action="store_true",
                    help="also train one single-task model per task and put them in the table")
+    g.add_argument("--compare", action="store_true",
+                   help="train single-task baselines and every method of --methods for every seed of --seeds, "
+                        "and write one table (mean and std) and a plot of task weights")
+    g.add_argument("--methods", default=COMPARE_DEFAULT,
+                   help=f"methods for --compare: weighting names or architectures (default: {COMPARE_DEFAULT})")
+    g.add_argument("--seeds", default="0,1,2", help="seeds for --compare (default: 0,1,2)")
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=None, help="folder with torchvision's MNIST layout (MNIST/raw/*-ubyte); "
                    "default: the embedded 5,000-image MNIST")
@@ -99,54 +128,172 @@ def parse_static_weights(text: str | None) -> dict[str, float]:
     return weights
 
 
-def build_model(encoder: str, tasks: list[str]) -> MultiTaskModel:
-    enc = build_encoder(encoder, in_channels=1)
-    # One MultiLeNet task branch per task: 50 -> 50 -> ReLU -> dropout -> 10 (Sener & Koltun).
-    return MultiTaskModel(enc, {t: ClassificationHead(enc.out_features, 10, hidden=50, dropout=0.5) for t in tasks})
+@dataclass(frozen=True)
+class Method:
+    """A row of the table: a weighting on an architecture."""
+
+    label: str
+    weighting: str
+    architecture: str = "shared"
 
 
-def trainer_config(args) -> TrainerConfig:
+def parse_methods(text: str) -> list[Method]:
+    methods = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        if name in WEIGHTINGS and name != "static":
+            methods.append(Method(name, name))
+        elif name in ARCHITECTURES[1:]:
+            methods.append(Method(name, "equal", name))
+        else:
+            choices = [w for w in WEIGHTINGS if w != "static"] + list(ARCHITECTURES[1:])
+            raise ConfigError(f"unknown method '{name}' in --methods; choose from: {', '.join(choices)}")
+    if not methods:
+        raise ConfigError("--methods is empty; name at least one method, e.g. --methods equal,mgda_ub")
+    return methods
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"cannot read --seeds '{text}'; write integers separated by commas, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds needs distinct integers, got '{text}'")
+    return seeds
+
+
+def weighting_options(args, name: str) -> dict:
+    if name == "static":
+        return {"weights": parse_static_weights(args.static_weights)}
+    if name in ("mgda", "mgda_ub"):
+        return {"normalization": args.normalization}
+    if name == "gradnorm":
+        return {"alpha": args.gradnorm_alpha, "lr": args.gradnorm_lr}
+    return {}
+
+
+def check_method(method: Method) -> None:
+    if method.weighting == "mgda_ub" and method.architecture != "shared":
+        raise ConfigError(
+            f"mgda_ub needs one shared representation, and the {method.architecture} architecture has one per "
+            "task; use --weighting mgda with it, or --architecture shared."
+        )
+
+
+def build_model(args, tasks: list[str], architecture: str) -> MultiTaskModel:
+    if architecture == "shared" or len(tasks) == 1:
+        encoder = build_encoder(args.encoder, in_channels=1)
+    elif architecture == "cross_stitch":
+        encoder = build_cross_stitch_encoder(args.encoder, tasks, in_channels=1, unit_lr_scale=args.cross_stitch_lr_scale)
+    else:
+        encoder = build_patched_encoder(args.encoder, tasks, patch=args.patch_type, in_channels=1)
+    # One MultiLeNet task branch per task: features -> 50 -> ReLU -> dropout -> 10 (Sener & Koltun).
+    heads = {t: ClassificationHead(encoder.out_features, 10, hidden=50, dropout=0.5) for t in tasks}
+    return MultiTaskModel(encoder, heads)
+
+
+def trainer_config(args, seed: int) -> TrainerConfig:
     return TrainerConfig(
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, scheduler=args.scheduler, step_size=args.step_size, gamma=args.gamma,
-        grad_clip=args.grad_clip, mixed_precision=args.mixed_precision, seed=args.seed,
+        grad_clip=args.grad_clip, mixed_precision=args.mixed_precision, seed=seed,
         deterministic=args.deterministic, checkpoint_every=args.checkpoint_every, on_nonfinite=args.on_nonfinite,
         progress=not args.no_progress, tensorboard=not args.no_tensorboard, cpu=args.cpu,
     )
 
 
-def train_one(args, tasks: list[str], weighting_name: str, weighting_options: dict, run_dir: Path,
-              data, resume: bool) -> tuple[Trainer, dict]:
-    torch.manual_seed(args.seed)  # the model's initial weights depend on the seed only
-    model = build_model(args.encoder, tasks)
+def train_one(args, tasks: list[str], method: Method, seed: int, run_dir: Path, data, resume: bool) -> dict:
+    """Train one model in ``run_dir``; ``resume`` continues it from its checkpoint."""
+    torch.manual_seed(seed)  # the model's initial weights depend on the seed only
+    model = build_model(args, tasks, method.architecture)
     task_objs = [classification_task(t, 10) for t in tasks]
-    weighting = build_weighting(weighting_name, task_objs, **weighting_options)
-    run_config = {"encoder": args.encoder, "tasks": tasks, "weighting": weighting_name,
-                  "weighting_options": weighting_options, "train_pairs": args.train_pairs,
-                  "test_pairs": args.test_pairs, "data_root": args.data_root}
-    trainer = Trainer(model, task_objs, weighting, data[0], data[1], trainer_config(args), run_dir,
+    options = weighting_options(args, method.weighting)
+    weighting = build_weighting(method.weighting, task_objs, **options)
+    run_config = {"encoder": args.encoder, "tasks": tasks, "weighting": method.weighting,
+                  "weighting_options": options, "architecture": method.architecture if len(tasks) > 1 else "shared",
+                  "train_pairs": args.train_pairs, "test_pairs": args.test_pairs, "data_seed": args.seed,
+                  "data_root": args.data_root}
+    trainer = Trainer(model, task_objs, weighting, data[0], data[1], trainer_config(args, seed), run_dir,
                       run_config=run_config, overwrite=args.overwrite)
     history = trainer.fit(resume=run_dir if resume else None)
     if trainer.accelerator.is_main_process:
-        plot_history(history, run_dir / "accuracy.png", title=f"MultiMNIST, {weighting_name} weighting, tasks {tasks}")
-    return trainer, history
+        plot_history(history, run_dir / "accuracy.png", title=f"MultiMNIST, {method.label}, tasks {tasks}")
+    return history
 
 
 def final_accuracy(history: dict, task: str) -> float:
     return 100 * history["epochs"][-1]["eval"][task]["accuracy"]
 
 
-def results_table(args, rows: list[tuple[str, dict[str, float]]]) -> str:
+def can_resume(args, run_dir: Path) -> bool:
+    return args.resume and (run_dir / "checkpoints" / "last.pt").exists()
+
+
+Rows = list[tuple[str, dict[str, list[float]]]]  # (label, {task: accuracy of each seed})
+
+
+def run_single(args, data, out: Path) -> Rows:
+    method = Method(f"multi-task ({args.weighting}" + (f", {args.architecture})" if args.architecture != "shared" else ")"),
+                    args.weighting, args.architecture)
+    check_method(method)
+    history = train_one(args, list(TASKS), method, args.seed, out, data, args.resume)
+    rows = [(method.label, {t: [final_accuracy(history, t)] for t in TASKS})]
+    if args.single_task_baselines:
+        single = {}
+        for task in TASKS:
+            run_dir = out / "baselines" / task
+            h = train_one(args, [task], Method("single task", "equal"), args.seed, run_dir, data, can_resume(args, run_dir))
+            single[task] = [final_accuracy(h, task)]
+        rows.append(("single-task baselines", single))
+    return rows
+
+
+def run_compare(args, data, out: Path) -> Rows:
+    methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
+    for method in methods:
+        check_method(method)
+    accuracy: dict[str, dict[str, list[float]]] = {}
+    weight_histories = {}
+    for seed in seeds:
+        for task in TASKS:
+            run_dir = out / "single_task" / task / f"seed{seed}"
+            h = train_one(args, [task], Method("single task", "equal"), seed, run_dir, data, can_resume(args, run_dir))
+            accuracy.setdefault("single-task baselines", {}).setdefault(task, []).append(final_accuracy(h, task))
+        for method in methods:
+            run_dir = out / method.label / f"seed{seed}"
+            h = train_one(args, list(TASKS), method, seed, run_dir, data, can_resume(args, run_dir))
+            for task in TASKS:
+                accuracy.setdefault(method.label, {}).setdefault(task, []).append(final_accuracy(h, task))
+            if seed == seeds[0]:
+                weight_histories[method.label] = h
+    plot_weight_trajectories(weight_histories, out / "weights.png",
+                             title=f"MultiMNIST task weights per step (seed {seeds[0]})")
+    return list(accuracy.items())
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def cell(values: list[float] | None) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {std:.2f}"
+
+
+def results_table(args, rows: Rows) -> str:
+    runs = (f"mean ± std over seeds {args.seeds}" if args.compare else f"seed {args.seed}")
     lines = [
         f"MultiMNIST test accuracy (%): {args.train_pairs} training / {args.test_pairs} test pairs, "
-        f"{args.epochs} epochs, {args.encoder}, seed {args.seed}, "
+        f"{args.epochs} epochs, {args.encoder}, {runs}, "
         + ("embedded MNIST" if args.data_root is None else f"MNIST from {args.data_root}"),
         "",
         "| model | " + " | ".join(TASKS) + " |",
         "|---|" + "---:|" * len(TASKS),
     ]
     for name, acc in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{acc[t]:.2f}" if t in acc else "-" for t in TASKS) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(acc.get(t)) for t in TASKS) + " |")
     lines += ["", f"Published, for scale: {PUBLISHED}."]
     return "\n".join(lines)
 
@@ -155,38 +302,37 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        weighting_options = {}
-        if args.weighting == "static":
-            weighting_options["weights"] = parse_static_weights(args.static_weights)
-        elif args.static_weights:
+        if args.static_weights and args.weighting != "static":
             raise ConfigError("--static-weights only applies to --weighting static")
+        weighting_options(args, args.weighting)  # fail on bad options before any data work
+        if args.compare:
+            parse_methods(args.methods), parse_seeds(args.seeds)
         if args.train_pairs <= 0 or args.test_pairs <= 0:
             raise ConfigError("--train-pairs and --test-pairs must be positive")
         build_encoder(args.encoder, in_channels=1)  # fail on a bad name before any data work
         data = (MultiMNIST("train", args.train_pairs, args.seed, args.data_root),
                 MultiMNIST("test", args.test_pairs, args.seed, args.data_root))
         out = Path(args.out)
-        trainer, history = train_one(args, list(TASKS), args.weighting, weighting_options, out, data, args.resume)
-        rows = [(f"multi-task ({args.weighting})", {t: final_accuracy(history, t) for t in TASKS})]
-        if args.single_task_baselines:
-            single = {}
-            for task in TASKS:
-                run_dir = out / "baselines" / task
-                resume = args.resume and (run_dir / "checkpoints" / "last.pt").exists()
-                _, h = train_one(args, [task], "equal", {}, run_dir, data, resume)
-                single[task] = final_accuracy(h, task)
-            rows.append(("single-task baselines", single))
+        if args.compare:
+            rows = run_compare(args, data, out)
+        else:
+            rows = run_single(args, data, out)
     except MultisupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if trainer.accelerator.is_main_process:
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
         table = results_table(args, rows)
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        write_json(out / "results.json", {"rows": [{"model": n, "accuracy": a} for n, a in rows],
-                                          "peak_rss_mib": round(peak_mib, 1), "args": vars(args)})
+        write_json(out / "results.json", {
+            "rows": [{"model": name, "accuracy": {t: mean_std(v)[0] for t, v in acc.items()},
+                      "std": {t: mean_std(v)[1] for t, v in acc.items()}, "per_seed": acc} for name, acc in rows],
+            "peak_rss_mib": round(peak_mib, 1), "args": vars(args)})
         atomic_write(out / "results.md", lambda f: f.write(table + "\n"), mode="w")
         print(table)
-        print(f"\nrun folder: {out}  (plot: {out / 'accuracy.png'}; peak resident memory {peak_mib:.0f} MiB)")
+        plot = out / ("weights.png" if args.compare else "accuracy.png")
+        print(f"\nrun folder: {out}  (plot: {plot}; peak resident memory {peak_mib:.0f} MiB)")
     return 0
 
 

@@ -23,6 +23,7 @@ SMALL = ["--train-pairs", "1200", "--test-pairs", "400", "--epochs", "3", "--bat
 def load_script():
     spec = importlib.util.spec_from_file_location("train_multimnist", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -159,3 +160,48 @@ def test_demo_defaults_beat_chance_by_far(tmp_path):
     assert run("--out", tmp_path / "run", "--no-progress") == 0
     accuracy = json.loads((tmp_path / "run" / "results.json").read_text())["rows"][0]["accuracy"]
     assert accuracy["left"] > 80.0 and accuracy["right"] > 80.0
+
+
+TINY = ["--train-pairs", "256", "--test-pairs", "64", "--epochs", "1", "--batch-size", "64", "--no-progress",
+        "--no-tensorboard"]
+
+
+def test_compare_writes_one_table_with_mean_and_std_and_a_weight_plot(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert run("--out", out, *TINY, "--compare", "--methods", "equal,mgda_ub,gradnorm,cross_stitch",
+               "--seeds", "0,1") == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    labels = [r["model"] for r in results["rows"]]
+    assert labels == ["single-task baselines", "equal", "mgda_ub", "gradnorm", "cross_stitch"]
+    for row in results["rows"]:
+        for task in ("left", "right"):
+            values = row["per_seed"][task]
+            assert len(values) == 2
+            assert row["accuracy"][task] == pytest.approx(sum(values) / 2)
+    assert "| mgda_ub | " in printed and " ± " in printed
+    assert (out / "weights.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "mgda_ub" / "seed1" / "checkpoints" / "last.pt").is_file()
+    mgda = json.loads((out / "mgda_ub" / "seed0" / "history.json").read_text())
+    assert all(sum(s["weights"].values()) == pytest.approx(1.0, abs=1e-5) for s in mgda["steps"])
+
+
+def test_patches_architecture_runs_on_an_encoder_with_batchnorm(tmp_path):
+    out = tmp_path / "run"
+    assert run("--out", out, *TINY, "--architecture", "patches", "--encoder", "resnet18", "--weighting", "mgda") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["run"]["architecture"] == "patches"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compare", "--methods", "equal,pcgrad"], "unknown method 'pcgrad'"),
+    (["--compare", "--seeds", "0,x"], "cannot read --seeds"),
+    (["--compare", "--seeds", "1,1"], "distinct integers"),
+    (["--weighting", "mgda_ub", "--architecture", "cross_stitch"], "mgda_ub needs one shared representation"),
+    (["--architecture", "patches", "--patch-type", "depthwise"], "depthwise"),
+    (["--weighting", "gradnorm", "--gradnorm-alpha", "-1"], "alpha must be >= 0"),
+])
+def test_bad_method_input(tmp_path, capsys, args, message):
+    assert run("--out", tmp_path / "run", *TINY, *args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "results.json").exists()

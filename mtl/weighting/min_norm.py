@@ -58,6 +58,7 @@ the raw gradients (the normalisation exists inside the solver only).
 from __future__ import annotations
 
 import array
+import contextlib
 import functools
 import logging
 import math
@@ -77,6 +78,8 @@ _EPS = torch.finfo(_F64).eps
 _RIDGE = 1e-13
 #: sign tolerance on c in the pivoting (c is O(1/T): sum(c) = 1 / (1 + f / s) >= 1/2)
 _C_TOL = 1e-13
+#: border of the bordered Cholesky factorisation in the pivoting (any 0 < b < 1 keeps it well conditioned)
+_BORDER = 0.5
 #: Judice & Pires' number of full exchanges allowed without fewer infeasible variables
 _BACKUP_TRIES = 3
 
@@ -93,8 +96,10 @@ def min_norm_weights(gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-10
     or float64, float32 otherwise. Raises ``SolverError`` on unusable input.
     """
     _check_options(max_iter, tol)
-    G, d, out_dtype = _prepare(gram)
-    return _finish(_solve64(G, d, max_iter, tol), out_dtype, gram.device)
+    G, d, rtol, out_dtype = _prepare(gram)
+    with _one_thread():
+        a = _solve64(G, d, rtol, max_iter, tol)
+    return _finish(a, out_dtype, gram.device)
 
 
 def normalization_scales(mode: str, norms, losses=None) -> torch.Tensor:
@@ -153,14 +158,16 @@ def solve(gram: torch.Tensor, losses=None, normalization: str = "none", max_iter
     """
     _check_mode(normalization)
     _check_options(max_iter, tol)
-    G, d, out_dtype = _prepare(gram)
+    G, d, rtol, out_dtype = _prepare(gram)
     if normalization != "none":
         s = normalization_scales(normalization, torch.tensor(d, dtype=_F64).clamp_min(0).sqrt(), losses)
         G = G / torch.outer(s, s)
         d = [x / si**2 for x, si in zip(d, s.tolist())]
         if not (all(map(math.isfinite, d)) and bool(torch.isfinite(G).all())):
             raise SolverError(f"normalization '{normalization}' with scales {s.tolist()} overflows the Gram matrix.")
-    return _finish(_solve64(G, d, max_iter, tol), out_dtype, gram.device)
+    with _one_thread():
+        a = _solve64(G, d, rtol, max_iter, tol)
+    return _finish(a, out_dtype, gram.device)
 
 
 # --- input checks ---------------------------------------------------------------------------------
@@ -192,8 +199,9 @@ def _as_vector(x, name: str) -> torch.Tensor:
     return v.to(device="cpu", dtype=_F64).reshape(-1)
 
 
-def _prepare(gram) -> tuple[torch.Tensor, list[float], torch.dtype]:
-    """Validated, symmetrised float64 CPU copy of ``gram``, its diagonal, and the dtype to answer in."""
+def _prepare(gram) -> tuple[torch.Tensor, list[float], float, torch.dtype]:
+    """Validated, symmetrised float64 CPU copy of ``gram``, its diagonal, the relative precision of its
+    entries (``rtol``) and the dtype to answer in."""
     if not isinstance(gram, torch.Tensor):
         raise SolverError(f"the Gram matrix must be a torch.Tensor; got {type(gram).__name__}.")
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
@@ -229,7 +237,7 @@ def _prepare(gram) -> tuple[torch.Tensor, list[float], torch.dtype]:
             i, j = divmod(int(torch.argmax(excess)), G.shape[0])
             raise SolverError(f"the Gram matrix is not symmetric: G[{i},{j}] = {G[i, j].item():.6g} but "
                               f"G[{j},{i}] = {G[j, i].item():.6g} (relative tolerance {rtol:g}). Pass M @ M.T.")
-    return (G + G.T).mul_(0.5), d, out_dtype
+    return (G + G.T).mul_(0.5), d, rtol, out_dtype
 
 
 def _finish(a: list[float], out_dtype: torch.dtype, device) -> torch.Tensor:
@@ -241,6 +249,27 @@ def _finish(a: list[float], out_dtype: torch.dtype, device) -> torch.Tensor:
 # --- the solver --------------------------------------------------------------------------------------
 # Internally weights are Python lists: T is small, and every torch call costs microseconds of overhead,
 # which is what the solve time is made of.
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run torch's BLAS/LAPACK calls single-threaded for the duration of a solve.
+
+    The matrices are at most (T+1) x (2T+2): threads only add synchronisation, and on a
+    machine whose cores are busy (data-loader workers, other jobs) an OpenMP/MKL
+    barrier waits for a time slice: we measured a 4 x 4 Cholesky at 12 ms with 2
+    threads on a loaded 2-core machine, against 6 us single-threaded. The setting is
+    process-wide, so it is restored right after.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 @functools.lru_cache(maxsize=64)
@@ -267,7 +296,7 @@ def _segment_min(uu: float, uv: float, vv: float) -> float:
     return min(1.0, max(0.0, (uu - uv) / den))
 
 
-def _solve64(G: torch.Tensor, d: list[float], max_iter: int, tol: float) -> list[float]:
+def _solve64(G: torch.Tensor, d: list[float], rtol: float, max_iter: int, tol: float) -> list[float]:
     T = G.shape[0]
     if T == 1:
         return [1.0]
@@ -276,15 +305,15 @@ def _solve64(G: torch.Tensor, d: list[float], max_iter: int, tol: float) -> list
         return _vertex(T, i0)
     if T == 2:
         g11, g12, g22 = d[0], G[0, 1].item(), d[1]
-        if g11 + g22 - 2 * g12 < -1e-6 * (g11 + g22):
-            raise SolverError(f"the Gram matrix {G.tolist()} is not positive semidefinite "
-                              "(G11 + G22 - 2 G12 = ||g1 - g2||^2 is negative).")
+        if g12 * g12 > g11 * g22 * (1.0 + 1e-6):  # 2 x 2 PSD <=> diagonal >= 0 and Cauchy-Schwarz
+            raise SolverError(f"the Gram matrix {G.tolist()} is not positive semidefinite: "
+                              "|G12| > sqrt(G11 G22) breaks Cauchy-Schwarz.")
         w1 = _segment_min(g22, g12, g11)
         return [w1, 1.0 - w1]
-    return _solve_general(G, d, i0, max_iter, tol)
+    return _solve_general(G, d, i0, rtol, max_iter, tol)
 
 
-def _solve_general(G: torch.Tensor, d: list[float], i0: int, max_iter: int, tol: float) -> list[float]:
+def _solve_general(G: torch.Tensor, d: list[float], i0: int, rtol: float, max_iter: int, tol: float) -> list[float]:
     T = G.shape[0]
     norms = [math.sqrt(x) for x in d]
     best, best_f = _vertex(T, i0), d[i0]
@@ -301,14 +330,14 @@ def _solve_general(G: torch.Tensor, d: list[float], i0: int, max_iter: int, tol:
             continue
         total = sum(c)
         a = [x / total for x in c]
-        f, ok = _certify(G, norms, a, tol)
+        f, ok = _certify(G, norms, a, tol, rtol)
         if ok:
             return a
         if f < best_f:
             best, best_f = a, f
     log.debug("min-norm: pivoting gave no certified solution (T=%d); Frank-Wolfe polishes the best point", T)
     a = _frank_wolfe(G, best, max_iter, tol)
-    f, _ = _certify(G, norms, a, tol)
+    f, _ = _certify(G, norms, a, tol, rtol)
     return a if f <= best_f else best
 
 
@@ -322,18 +351,19 @@ def _block_pivoting(G: torch.Tensor, s: float, ridge: float, max_iter: int, tol:
     factorisation fails (H_FF singular) or ``max_iter`` steps do not settle.
 
     One Cholesky and one triangular solve per step give everything. With the
-    bordered matrix ``X = [[H_FF, 1], [1^T, 2]] = L L^T`` (positive definite:
-    ``1^T H_FF^-1 1 = q / (1 + q) < 1``, Sherman-Morrison with ``q = 1^T (G_FF/s)^-1 1``)
+    bordered matrix ``X = [[H_FF, b 1], [b 1^T, b]] = L L^T``, ``b = 1/2`` (positive
+    definite: its Schur complement is ``b (1 - b q / (1 + q)) >= b / 2``, as
+    ``1^T H_FF^-1 1 = q / (1 + q)`` by Sherman-Morrison, ``q = 1^T (G_FF / s)^-1 1``)
     and ``rho = L[-1, -1]``, the block inverse of X gives
-    ``c_F = -rho (L^-1)[-1, :-1]`` and, for ``u_j = (H_jF, 1)``,
-    ``y_j = -rho (L^-1 u_j)[-1]``: both come from the last row of ``L^-1 [u_0 .. u_T, I]``.
+    ``c_F = -rho (L^-1)[-1, :-1] / b`` and, for ``u_j = (H_jF, b)``,
+    ``y_j = -rho (L^-1 u_j)[-1] / b``: all from the last row of ``L^-1 [u_0 .. u_T, I]``.
     """
     T = G.shape[0]
     # Stored transposed (H is symmetric), so that selected rows are a contiguous right-hand side.
-    # Columns 0..T-1: [H; 1]; column T: [1; 2] (the border); columns T+1..2T+1: the identity. Selecting the
-    # rows F + border gives u_j^T (columns 0..T), X (columns F + border) and I[F + border, :] (columns T+1..).
-    ext = torch.cat((nnf.pad(G / s, (0, 1, 0, 1)).add_(1.0), _eye(T + 1)), dim=1)
-    ext[T, T] = 2.0
+    # Columns 0..T-1: [H; b 1^T]; column T: [b 1; b] (the border); columns T+1..2T+1: the identity. Selecting
+    # the rows F + border gives u_j^T (columns 0..T), X (columns F + border), I[F + border, :] (columns T+1..).
+    b = _BORDER
+    ext = torch.cat((nnf.pad(G, (0, 1, 0, 1), value=(b - 1.0) * s).div_(s).add_(1.0), _eye(T + 1)), dim=1)
     if ridge:
         ext.diagonal()[:T].mul_(1.0 + ridge)
     free = list(free)
@@ -350,17 +380,17 @@ def _block_pivoting(G: torch.Tensor, s: float, ridge: float, max_iter: int, tol:
         if info.item() != 0:
             return None
         z = torch.linalg.solve_triangular(L, rows, upper=False)[k].tolist()
-        rho = 1.0 / z[2 * T + 1]
+        r = -1.0 / (z[2 * T + 1] * b)  # -rho / b
         c = [0.0] * T
         bad = []
         for i in idx:
-            c[i] = ci = -rho * z[T + 1 + i]
+            c[i] = ci = r * z[T + 1 + i]
             if ci < -_C_TOL:
                 bad.append(i)
         # On a bound task j, y_j = sum(c) ((G alpha)_j - f) / s: y_j < -theta means weight on task j lowers the
         # objective by more than the accepted duality gap; theta = tol/4 * sum(c) f / s = tol/4 (1 - sum(c)).
         theta = (1.0 - sum(c)) * (tol / 4) + 16 * _EPS
-        bad += [j for j in range(T) if not free[j] and -rho * z[j] < -theta]
+        bad += [j for j in range(T) if not free[j] and r * z[j] < -theta]
         n = len(bad)
         if n == 0:
             return [max(x, 0.0) for x in c]
@@ -375,8 +405,13 @@ def _block_pivoting(G: torch.Tensor, s: float, ridge: float, max_iter: int, tol:
     return None
 
 
-def _certify(G: torch.Tensor, norms: list[float], a: list[float], tol: float) -> tuple[float, bool]:
-    """Objective ``f = a^T G a`` and whether the Frank-Wolfe duality gap certifies ``a``."""
+def _certify(G: torch.Tensor, norms: list[float], a: list[float], tol: float, rtol: float) -> tuple[float, bool]:
+    """Objective ``f = a^T G a`` and whether the Frank-Wolfe duality gap certifies ``a``.
+
+    ``rtol``: the relative precision of G's entries; ``f`` below ``-rtol m^2`` proves G is
+    not positive semidefinite (m as below), while ``f <= 0`` within it is a zero norm to
+    the input's precision: optimal.
+    """
     T = len(a)
     v = torch.mv(G, torch.tensor(a, dtype=_F64)).tolist()
     f = math.fsum(x * y for x, y in zip(a, v))
@@ -385,9 +420,9 @@ def _certify(G: torch.Tensor, norms: list[float], a: list[float], tol: float) ->
     # m^2 and ||g_i|| m, m = sum_j a_j ||g_j||.
     m = math.fsum(x * y for x, y in zip(a, norms))
     floor = 4 * T * _EPS * m * (m + norms[i])
-    if f < -floor:
+    if f < -rtol * m * m:
         raise SolverError(f"the Gram matrix is not positive semidefinite: found weights with a^T G a = {f:.6g} < 0.")
-    return f, 2.0 * (f - v[i]) <= tol * f + floor
+    return f, f <= floor or 2.0 * (f - v[i]) <= tol * f + floor
 
 
 def _frank_wolfe(G: torch.Tensor, a: list[float], max_iter: int, tol: float) -> list[float]:
