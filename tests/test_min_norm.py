@@ -223,6 +223,9 @@ def test_identical_vectors():
     G4 = gram_of(g, [1.0, 2.0, 3.0], g, [2.0, 0.0, 1.0]).numpy()
     a = weights(G4)
     assert objective(G4, a) == pytest.approx(objective(G4, reference(G4)), rel=1e-9)
+    # Nearly identical: ||g1 - g2||^2 ~ 1e-18 ||g||^2 is rounding noise; the shorter one is the answer.
+    G = gram_of(g, [x * (1 + 1e-9) for x in g])
+    assert min_norm_weights(G).tolist() == [1.0, 0.0]
 
 
 # --- degenerate cases --------------------------------------------------------------------------------------
@@ -351,10 +354,17 @@ def test_non_symmetric_gram_raises():
     G[0, 2] += 0.5
     with pytest.raises(SolverError, match="not symmetric"):
         min_norm_weights(G)
+    G2 = gram_of([1.0, 0.0], [1.0, 1.0])
+    G2[1, 0] = 0.0
+    with pytest.raises(SolverError, match="not symmetric"):
+        min_norm_weights(G2)
     # Rounding-level asymmetry (two dot products summed in different orders) is accepted.
     G = gram_of([1.0, 0.0], [0.0, 1.0], [1.0, 1.0])
     G[0, 2] += 1e-9
     assert_on_simplex(min_norm_weights(G).numpy())
+    G2 = gram_of([1.0, 0.0], [1.0, 1.0])
+    G2[1, 0] += 1e-9
+    assert min_norm_weights(G2).tolist() == pytest.approx([1.0, 0.0], abs=1e-8)
 
 
 def test_not_a_gram_matrix_raises():
