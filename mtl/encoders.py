@@ -87,6 +87,7 @@ class SmpEncoder(nn.Module):
             weights="imagenet" if pretrained else None, output_stride=output_stride,
         )
         self.out_channels = list(self.encoder.out_channels)
+        self.output_stride = output_stride
         self.pooled = pooled
         if pooled:
             self.out_features = self.out_channels[-1]

@@ -197,7 +197,8 @@ class Trainer:
         if self.progress.batch:
             loader = acc.skip_first_batches(self.train_loader, self.progress.batch)
         # Accelerate's loaders reset the sampler's epoch from their own counter on each pass,
-        # so the epoch is set through the loader that is about to be iterated.
+        # so the epoch is set through the loader that is about to be iterated; it also passes
+        # the epoch on to a data set with set_epoch (augmentation drawn from (seed, epoch, index)).
         self.sampler.set_epoch(self.progress.epoch)
         self.loader_generator.manual_seed(cfg.seed * 1_000_003 + self.progress.epoch)  # worker seeds per epoch
         if hasattr(loader, "set_epoch"):

@@ -142,3 +142,13 @@ def test_fp16_is_refused_for_gradient_methods(name):
 
     with pytest.raises(ConfigError, match="use mixed_precision='bf16'"):
         build_weighting(name, ["a", "b"]).bind(FakeAccelerator())
+
+
+def test_mgda_ub_accepts_a_list_of_feature_maps():
+    """Dense encoders give [input, f1, f2, ...]; parts without grad (the input) are skipped."""
+    model = toy_model()
+    outputs, z = model(X, return_rep=True)
+    losses = {t: outputs[t].sum() for t in ("a", "b")}
+    weights = build_weighting("mgda_ub", ["a", "b"]).backward(losses, rep=[X, z])
+    assert weights == pytest.approx({"a": 0.8, "b": 0.2}, abs=1e-6)
+    assert torch.allclose(model.encoder.weight.grad, torch.outer(torch.tensor([0.8, 0.4]), X[0]), atol=1e-6)

@@ -206,3 +206,14 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
     data = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert data["progress"] == {"epoch": 1, "batch": 0, "step": 6}
     assert pickle.loads(pickle.dumps(data["history"])) == data["history"]
+
+
+def test_datasets_with_set_epoch_are_told_the_epoch(tmp_path):
+    class Recording(TwoTaskDigits):
+        def set_epoch(self, epoch):
+            self.seen = getattr(self, "seen", []) + [epoch]
+
+    data = Recording(32, seed=1)
+    make_trainer(tmp_path, train=data, epochs=3).fit()
+    changes = [e for i, e in enumerate(data.seen) if i == 0 or data.seen[i - 1] != e]
+    assert changes == [0, 1, 2]

@@ -65,27 +65,42 @@ class MGDAWeighting(_MinNormWeighting):
 
 
 class MGDAUBWeighting(_MinNormWeighting):
+    """``rep``: the shared representation, one tensor or a list of feature maps (dense encoders)."""
+
     needs_rep = True
 
     def backward(self, losses, shared_params=None, rep=None):
         L = self.stacked(losses)
-        if not isinstance(rep, torch.Tensor):
-            raise ConfigError(
-                "MGDA-UB needs the shared representation z as one tensor; this model's encoder gives "
-                f"{type(rep).__name__} (per-task columns have no single shared z). Use 'mgda' instead."
-            )
-        if not rep.requires_grad:
-            raise ConfigError(
-                "MGDA-UB differentiates the losses with respect to the encoder's output, which does not require "
-                "grad (is the encoder frozen or run under no_grad?). Unfreeze the encoder or use another weighting."
-            )
-        (dz,) = per_task_gradients(L, [rep], batched=self.batched)  # (T, *z.shape)
-        M = dz.reshape(dz.shape[0], -1).double()
+        reps = self._differentiable_parts(rep)
+        dzs = per_task_gradients(L, reps, batched=self.batched)  # each (T, *z_k.shape)
+        M = flat_matrix(dzs).double()
         R = self.num_processes
         gram = self.all_sum(M @ M.T) / (R * R)
         alpha = self.solve(gram, L)
         # Surrogate with the right gradient everywhere in one backward pass: the heads see
         # sum_t L_t (their own task's gradient), z sees sum_t alpha_t dL_t/dz.
-        correction = torch.tensordot((alpha - 1).to(dz.dtype), dz, dims=1).detach()
-        self.run_backward(L.sum() + (rep * correction).sum())
+        surrogate = L.sum()
+        for z, dz in zip(reps, dzs):
+            surrogate = surrogate + (z * torch.tensordot((alpha - 1).to(dz.dtype), dz, dims=1).detach()).sum()
+        self.run_backward(surrogate)
         return self.as_dict(alpha)
+
+    @staticmethod
+    def _differentiable_parts(rep) -> list[torch.Tensor]:
+        if isinstance(rep, torch.Tensor):
+            parts = [rep]
+        elif isinstance(rep, (list, tuple)) and all(isinstance(z, torch.Tensor) for z in rep):
+            parts = list(rep)
+        else:
+            raise ConfigError(
+                "MGDA-UB needs the shared representation z as one tensor (or a list of feature maps); this "
+                f"model's encoder gives {type(rep).__name__} (per-task columns have no single shared z). "
+                "Use 'mgda' instead."
+            )
+        parts = [z for z in parts if z.requires_grad]
+        if not parts:
+            raise ConfigError(
+                "MGDA-UB differentiates the losses with respect to the encoder's output, which does not require "
+                "grad (is the encoder frozen or run under no_grad?). Unfreeze the encoder or use another weighting."
+            )
+        return parts
