@@ -65,9 +65,9 @@ class DenseHead(nn.Module):
         elif decoder == "fpn":
             from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder
 
+            last = max(32, decoder_channels // 64 * 32)  # FPN's GroupNorm(32) needs a multiple of 32
             self.decoder = FPNDecoder(encoder_channels, encoder_depth=depth, pyramid_channels=decoder_channels,
-                                      segmentation_channels=decoder_channels // 2)
-            last = decoder_channels // 2
+                                      segmentation_channels=last)
         else:
             from segmentation_models_pytorch.decoders.deeplabv3.decoder import DeepLabV3PlusDecoder
 

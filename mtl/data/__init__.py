@@ -2,5 +2,6 @@
 
 from .mnist import load_mnist
 from .multimnist import MultiMNIST
+from .nyuv2 import NYUv2
 
-__all__ = ["load_mnist", "MultiMNIST"]
+__all__ = ["load_mnist", "MultiMNIST", "NYUv2"]
