@@ -340,7 +340,6 @@ def test_default_draw_with_scale_one_and_no_flip_is_the_identity(nyu):
 def test_flip_mirrors_everything_and_negates_normal_x(nyu):
     root, train, _ = nyu
     data = NYUv2(root, "train", augment=True, scales=(1.0,), flip_prob=1.0)
-    mirrored = dict(train[1])
     mirrored = {k: v[:, ::-1] for k, v in train[1].items()}
     mirrored["normal"] = mirrored["normal"] * np.array([-1.0, 1.0, 1.0])
     assert_sample_equals(data[1], mirrored)
@@ -364,7 +363,7 @@ def test_depth_is_divided_by_the_scale(tmp_path, scale, depth_mode):
         data.set_epoch(epoch)
         for i in range(2):
             _, targets = data[i]
-            torch.testing.assert_close(targets["depth"], torch.full((1, H, W), 3.0 / scale))
+            np.testing.assert_allclose(targets["depth"].numpy(), np.full((1, H, W), 3.0 / scale), rtol=1e-6)
 
 
 def test_scale_crop_resamples_the_drawn_region(nyu):
@@ -378,16 +377,16 @@ def test_scale_crop_resamples_the_drawn_region(nyu):
     region = (slice(aug.top, aug.top + h), slice(aug.left, aug.left + w))
     crop_image = raw["image"][region].permute(2, 0, 1)
     expect = F.interpolate(crop_image[None], size=(H, W), mode="bilinear", align_corners=True)[0]
-    torch.testing.assert_close(image, expect)
-    # corners of an align_corners resize are the crop's corner pixels exactly
-    torch.testing.assert_close(image[:, 0, 0], crop_image[:, 0, 0])
-    torch.testing.assert_close(image[:, -1, -1], crop_image[:, -1, -1])
+    assert torch.equal(image, expect)
+    # corners of an align_corners resize are the crop's corner pixels
+    assert torch.allclose(image[:, 0, 0], crop_image[:, 0, 0])
+    assert torch.allclose(image[:, -1, -1], crop_image[:, -1, -1])
     expect_label = F.interpolate(raw["label"][region][None, None], size=(H, W), mode="nearest")[0, 0]
     assert torch.equal(targets["segmentation"], expect_label.to(torch.int64))
     # normals: resampled, never rescaled
     crop_normal = raw["normal"][region].permute(2, 0, 1)
-    torch.testing.assert_close(targets["normal"][:, 0, 0], crop_normal[:, 0, 0])
-    torch.testing.assert_close(targets["normal"][:, -1, -1], crop_normal[:, -1, -1])
+    assert torch.allclose(targets["normal"][:, 0, 0], crop_normal[:, 0, 0])
+    assert torch.allclose(targets["normal"][:, -1, -1], crop_normal[:, -1, -1])
 
 
 def test_labels_stay_integers_in_range(nyu):
