@@ -33,10 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 import torch  # noqa: E402
 
 from mtl.architectures import build_cross_stitch_encoder, build_patched_encoder, PATCH_TYPES  # noqa: E402
-from mtl.config import NONFINITE_POLICIES, OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainerConfig  # noqa: E402
+from mtl.cli import (add_optimisation_arguments, add_output_arguments, add_weighting_arguments,  # noqa: E402
+                     check_common, exit_on_user_error, trainer_config, weighting_options)
 from mtl.data.multimnist import TASKS, MultiMNIST  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
-from mtl.errors import ConfigError, MultisupError  # noqa: E402
+from mtl.errors import ConfigError  # noqa: E402
 from mtl.heads import ClassificationHead  # noqa: E402
 from mtl.io import atomic_write, write_json  # noqa: E402
 from mtl.model import MultiTaskModel  # noqa: E402
@@ -44,7 +45,6 @@ from mtl.plotting import plot_history, plot_weight_trajectories  # noqa: E402
 from mtl.tasks import classification_task  # noqa: E402
 from mtl.trainer import Trainer  # noqa: E402
 from mtl.weighting import WEIGHTINGS, build_weighting  # noqa: E402
-from mtl.weighting.min_norm import NORMALIZATIONS  # noqa: E402
 
 PUBLISHED = "Sener & Koltun 2018 (60k pairs, full MNIST): single task 97.23 / 95.90, uniform 96.46 / 94.99"
 ARCHITECTURES = ("shared", "cross_stitch", "patches")
@@ -54,14 +54,8 @@ COMPARE_DEFAULT = "equal,uncertainty,gradnorm,mgda,mgda_ub,cross_stitch"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("method")
-    g.add_argument("--weighting", default="equal", choices=sorted(WEIGHTINGS), help="loss-balancing method (default: equal)")
-    g.add_argument("--static-weights", default=None, metavar="TASK=W,...",
-                   help="weights for --weighting static, e.g. left=1.0,right=0.5")
-    g.add_argument("--normalization", default="loss+", choices=NORMALIZATIONS,
-                   help="gradient normalisation inside the MGDA solver (default: loss+, as Sener & Koltun)")
-    g.add_argument("--gradnorm-alpha", type=float, default=1.5, help="GradNorm asymmetry alpha (default: 1.5)")
-    g.add_argument("--gradnorm-lr", type=float, default=0.025, help="learning rate of GradNorm's weights")
+    add_weighting_arguments(p, example_weights="left=1.0,right=0.5")
+    g = p.add_argument_group("model and method")
     g.add_argument("--architecture", default="shared", choices=ARCHITECTURES,
                    help="shared encoder + heads, cross-stitch columns, or per-task model patches")
     g.add_argument("--cross-stitch-lr-scale", type=float, default=10.0,
@@ -84,48 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "default: the embedded 5,000-image MNIST")
     g.add_argument("--train-pairs", type=int, default=10000, help="training pairs drawn from the train digits (default: 10000)")
     g.add_argument("--test-pairs", type=int, default=2000, help="test pairs drawn from the test digits (default: 2000)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch-size", type=int, default=256)
-    g.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--scheduler", default="none", choices=SCHEDULERS, help="per-epoch LR schedule")
-    g.add_argument("--step-size", type=int, default=30, help="epochs between decays for --scheduler step")
-    g.add_argument("--gamma", type=float, default=0.1, help="decay factor for --scheduler step")
-    g.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm to this value")
-    g.add_argument("--mixed-precision", default="no", choices=PRECISIONS)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--deterministic", action="store_true", help="use only deterministic torch kernels")
-    g.add_argument("--on-nonfinite", default="error", choices=NONFINITE_POLICIES,
-                   help="on a NaN/inf loss: stop with an error (default) or skip the step and count it")
-    g.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default="runs/multimnist", help="run folder (default: runs/multimnist)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="start over even if --out already holds a run")
-    g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: each epoch end)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events")
-    args = p.parse_args(argv)
-    if args.resume and args.overwrite:
-        p.error("--resume and --overwrite contradict each other; pick one")
-    return args
-
-
-def parse_static_weights(text: str | None) -> dict[str, float]:
-    if not text:
-        raise ConfigError("--weighting static needs --static-weights, e.g. --static-weights left=1.0,right=0.5")
-    weights = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise ConfigError(f"cannot read static weight '{item}'; write TASK=NUMBER, e.g. left=1.0,right=0.5")
-    return weights
+    add_optimisation_arguments(p, epochs=10, batch_size=256, lr=1e-3)
+    add_output_arguments(p, "runs/multimnist")
+    return check_common(p, p.parse_args(argv))
 
 
 @dataclass(frozen=True)
@@ -162,16 +117,6 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def weighting_options(args, name: str) -> dict:
-    if name == "static":
-        return {"weights": parse_static_weights(args.static_weights)}
-    if name in ("mgda", "mgda_ub"):
-        return {"normalization": args.normalization}
-    if name == "gradnorm":
-        return {"alpha": args.gradnorm_alpha, "lr": args.gradnorm_lr}
-    return {}
-
-
 def check_method(method: Method) -> None:
     if method.weighting == "mgda_ub" and method.architecture != "shared":
         raise ConfigError(
@@ -190,16 +135,6 @@ def build_model(args, tasks: list[str], architecture: str) -> MultiTaskModel:
     # One MultiLeNet task branch per task: features -> 50 -> ReLU -> dropout -> 10 (Sener & Koltun).
     heads = {t: ClassificationHead(encoder.out_features, 10, hidden=50, dropout=0.5) for t in tasks}
     return MultiTaskModel(encoder, heads)
-
-
-def trainer_config(args, seed: int) -> TrainerConfig:
-    return TrainerConfig(
-        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-        weight_decay=args.weight_decay, scheduler=args.scheduler, step_size=args.step_size, gamma=args.gamma,
-        grad_clip=args.grad_clip, mixed_precision=args.mixed_precision, seed=seed,
-        deterministic=args.deterministic, checkpoint_every=args.checkpoint_every, on_nonfinite=args.on_nonfinite,
-        progress=not args.no_progress, tensorboard=not args.no_tensorboard, cpu=args.cpu,
-    )
 
 
 def train_one(args, tasks: list[str], method: Method, seed: int, run_dir: Path, data, resume: bool) -> dict:
@@ -301,25 +236,20 @@ def results_table(args, rows: Rows) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.static_weights and args.weighting != "static":
-            raise ConfigError("--static-weights only applies to --weighting static")
-        weighting_options(args, args.weighting)  # fail on bad options before any data work
-        if args.compare:
-            parse_methods(args.methods), parse_seeds(args.seeds)
-        if args.train_pairs <= 0 or args.test_pairs <= 0:
-            raise ConfigError("--train-pairs and --test-pairs must be positive")
-        build_encoder(args.encoder, in_channels=1)  # fail on a bad name before any data work
-        data = (MultiMNIST("train", args.train_pairs, args.seed, args.data_root),
-                MultiMNIST("test", args.test_pairs, args.seed, args.data_root))
-        out = Path(args.out)
-        if args.compare:
-            rows = run_compare(args, data, out)
-        else:
-            rows = run_single(args, data, out)
-    except MultisupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_on_user_error(lambda: run(args))
+
+
+def run(args) -> int:
+    weighting_options(args, args.weighting)  # fail on bad options before any data work
+    if args.compare:
+        parse_methods(args.methods), parse_seeds(args.seeds)
+    if args.train_pairs <= 0 or args.test_pairs <= 0:
+        raise ConfigError("--train-pairs and --test-pairs must be positive")
+    build_encoder(args.encoder, in_channels=1)  # fail on a bad name before any data work
+    data = (MultiMNIST("train", args.train_pairs, args.seed, args.data_root),
+            MultiMNIST("test", args.test_pairs, args.seed, args.data_root))
+    out = Path(args.out)
+    rows = run_compare(args, data, out) if args.compare else run_single(args, data, out)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
