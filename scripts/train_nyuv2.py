@@ -57,18 +57,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_weighting_arguments(p, example_weights="segmentation=1,depth=1,normal=1")
     g = p.add_argument_group("model")
     g.add_argument("--tasks", default=",".join(TASKS), help="tasks to train, comma-separated (default: all three)")
-    g.add_argument("--encoder", default="smp:resnet50", help="a segmentation-models-pytorch encoder, smp:<name>")
+    g.add_argument("--encoder", default=None,
+                   help="a segmentation-models-pytorch encoder, smp:<name> (default: smp:resnet50; smoke: smp:resnet18)")
     g.add_argument("--pretrained", action="store_true", help="start from the encoder's ImageNet weights (downloads)")
     g.add_argument("--output-stride", type=int, default=16, help="encoder output stride (16: dilated, as LibMTL)")
     g.add_argument("--decoders", default="deeplabv3plus",
                    help="one decoder for all tasks, or TASK=DECODER,... (" + ", ".join(DECODER_STRIDES) + ")")
-    g.add_argument("--decoder-channels", type=int, default=256)
+    g.add_argument("--decoder-channels", type=int, default=None, help="(default: 256; smoke: 32)")
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=None, help="NYUv2 in the mtan/LibMTL .npy layout")
     g.add_argument("--augment", action="store_true", help="random scale-crop {1, 1.2, 1.5} and horizontal flip")
     g.add_argument("--smoke", action="store_true",
                    help="end-to-end check on generated data of the real shapes (4 train / 2 val images, "
-                        "smp:resnet18, 1 epoch); overrides the model size and schedule")
+                        "1 epoch of batch 2, a small model unless --encoder/--decoder-channels say otherwise)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--baseline", default=None,
                    help="single-task baseline file(s), JSON {task: {metric: value}}, comma-separated (e.g. the "
@@ -79,8 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_output_arguments(p, "runs/nyuv2")
     args = check_common(p, p.parse_args(argv))
     if args.smoke:
-        args.encoder, args.decoder_channels, args.epochs, args.batch_size = "smp:resnet18", 32, 1, 2
-        args.pretrained = False
+        args.epochs, args.batch_size, args.pretrained = 1, 2, False
+    args.encoder = args.encoder or ("smp:resnet18" if args.smoke else "smp:resnet50")
+    args.decoder_channels = args.decoder_channels or (32 if args.smoke else 256)
     return args
 
 
