@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import Weighting
-from .gradients import flat_matrix, per_task_gradients
+from .gradients import flat_matrix, gram_matrix, per_task_gradients
 from .min_norm import NORMALIZATIONS, solve
 
 
@@ -52,8 +52,7 @@ class MGDAWeighting(_MinNormWeighting):
         if not params:
             raise ConfigError("MGDA needs trainable shared parameters, and the model's encoder has none.")
         grads = [self.all_mean(g) for g in per_task_gradients(L, params, batched=self.batched)]
-        M = flat_matrix(grads).double()
-        alpha = self.solve(M @ M.T, L)
+        alpha = self.solve(gram_matrix(grads), L)  # float64, without a (T, P) copy of the gradients
         # One ordinary backward gives the heads their own task's gradient (averaged by DDP) ...
         self.run_backward(L.sum())
         # ... and the shared parameters then get sum_t alpha_t g_t instead of sum_t g_t.
