@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 
 import torch  # noqa: E402
 
-from mtl.architectures import build_cross_stitch_encoder, build_patched_encoder, PATCH_TYPES  # noqa: E402
+from mtl.architectures import PATCH_TYPES, build_cross_stitch_encoder, build_patched_encoder, parameter_report  # noqa: E402
 from mtl.cli import (add_optimisation_arguments, add_output_arguments, add_weighting_arguments,  # noqa: E402
                      check_common, exit_on_user_error, trainer_config, weighting_options)
 from mtl.data.multimnist import TASKS, MultiMNIST  # noqa: E402
@@ -152,6 +152,11 @@ def train_one(args, tasks: list[str], method: Method, seed: int, run_dir: Path, 
                       run_config=run_config, overwrite=args.overwrite)
     history = trainer.fit(resume=run_dir if resume else None)
     if trainer.accelerator.is_main_process:
+        report = parameter_report(trainer.accelerator.unwrap_model(trainer.model))
+        write_json(run_dir / "parameters.json", report)
+        if method.architecture == "patches" and len(tasks) > 1:
+            per_task = ", ".join(f"{t}: {v['patch']} patch + {v['head']} head" for t, v in report["tasks"].items())
+            print(f"trainable parameters: shared {report['shared']}; per task {per_task}")
         plot_history(history, run_dir / "accuracy.png", title=f"MultiMNIST, {method.label}, tasks {tasks}")
     return history
 

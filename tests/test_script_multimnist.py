@@ -191,6 +191,10 @@ def test_patches_architecture_runs_on_an_encoder_with_batchnorm(tmp_path):
     assert run("--out", out, *TINY, "--architecture", "patches", "--encoder", "resnet18", "--weighting", "mgda") == 0
     config = json.loads((out / "config.json").read_text())
     assert config["run"]["architecture"] == "patches"
+    report = json.loads((out / "parameters.json").read_text())
+    # ResNet-18's BatchNorm layers (9,600 scale and bias values) are each task's patch
+    assert report["tasks"]["left"]["patch"] == report["tasks"]["right"]["patch"] == 9600
+    assert report["tasks"]["left"]["head"] == 512 * 50 + 50 + 50 * 10 + 10
 
 
 @pytest.mark.parametrize("args, message", [
