@@ -111,3 +111,21 @@ def exit_on_user_error(run: Callable[[], int]) -> int:
     except MultisupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def write_results(out, table: str, results: dict, metrics: dict | None = None) -> None:
+    """A run's outputs for people and programs: results.md (the table), results.json, metrics.json.
+
+    ``metrics`` ({task: {metric: value}}) is written alone so that a single-task run's file
+    can serve as another run's delta_m baseline. Prints the table.
+    """
+    from pathlib import Path
+
+    from .io import atomic_write, write_json
+
+    out = Path(out)
+    if metrics is not None:
+        write_json(out / "metrics.json", metrics)
+    write_json(out / "results.json", results)
+    atomic_write(out / "results.md", lambda f: f.write(table + "\n"), mode="w")
+    print(table)

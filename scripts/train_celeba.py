@@ -24,13 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 import torch  # noqa: E402
 
 from mtl.cli import (add_optimisation_arguments, add_output_arguments, add_weighting_arguments,  # noqa: E402
-                     check_common, exit_on_user_error, trainer_config, weighting_options)
+                     check_common, exit_on_user_error, trainer_config, weighting_options, write_results)
 from mtl.data.celeba import CelebA  # noqa: E402
 from mtl.data.synthetic import write_celeba  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
 from mtl.errors import ConfigError  # noqa: E402
 from mtl.heads import MultiLabelHead  # noqa: E402
-from mtl.io import atomic_write, write_json  # noqa: E402
 from mtl.metrics import mean_error  # noqa: E402
 from mtl.model import MultiTaskModel  # noqa: E402
 from mtl.tasks import attribute_task  # noqa: E402
@@ -103,10 +102,7 @@ def train(args, options, root: Path) -> int:
         "", "| method | mean error (%) |", "|---|---:|", f"| {args.weighting} | {error:.2f} |",
         "", f"Published, for scale: {PUBLISHED}.",
     ])
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "results.json", {"mean_error_percent": error, "metrics": metrics, "args": vars(args)})
-    atomic_write(out / "results.md", lambda f: f.write(table + "\n"), mode="w")
-    print(table)
+    write_results(out, table, {"mean_error_percent": error, "metrics": metrics, "args": vars(args)}, metrics)
     print(f"\nrun folder: {out}")
     return 0
 

@@ -34,12 +34,12 @@ import torch  # noqa: E402
 
 from mtl.architectures import PATCH_TYPES, build_cross_stitch_encoder, build_patched_encoder, parameter_report  # noqa: E402
 from mtl.cli import (add_optimisation_arguments, add_output_arguments, add_weighting_arguments,  # noqa: E402
-                     check_common, exit_on_user_error, trainer_config, weighting_options)
+                     check_common, exit_on_user_error, trainer_config, weighting_options, write_results)
 from mtl.data.multimnist import TASKS, MultiMNIST  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
 from mtl.errors import ConfigError  # noqa: E402
 from mtl.heads import ClassificationHead  # noqa: E402
-from mtl.io import atomic_write, write_json  # noqa: E402
+from mtl.io import write_json  # noqa: E402
 from mtl.model import MultiTaskModel  # noqa: E402
 from mtl.plotting import plot_history, plot_weight_trajectories  # noqa: E402
 from mtl.tasks import classification_task  # noqa: E402
@@ -260,12 +260,10 @@ def run(args) -> int:
     if PartialState().is_main_process:
         table = results_table(args, rows)
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        write_json(out / "results.json", {
+        write_results(out, table, {
             "rows": [{"model": name, "accuracy": {t: mean_std(v)[0] for t, v in acc.items()},
                       "std": {t: mean_std(v)[1] for t, v in acc.items()}, "per_seed": acc} for name, acc in rows],
             "peak_rss_mib": round(peak_mib, 1), "args": vars(args)})
-        atomic_write(out / "results.md", lambda f: f.write(table + "\n"), mode="w")
-        print(table)
         plot = out / ("weights.png" if args.compare else "accuracy.png")
         print(f"\nrun folder: {out}  (plot: {plot}; peak resident memory {peak_mib:.0f} MiB)")
     return 0

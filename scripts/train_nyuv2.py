@@ -30,14 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 import torch  # noqa: E402
 
 from mtl.cli import (add_optimisation_arguments, add_output_arguments, add_weighting_arguments,  # noqa: E402
-                     check_common, exit_on_user_error, trainer_config, weighting_options)
+                     check_common, exit_on_user_error, trainer_config, weighting_options, write_results)
 from mtl.data.nyuv2 import NYUv2  # noqa: E402
 from mtl.data.synthetic import write_nyuv2  # noqa: E402
 from mtl.delta_m import VARIANTS, Baseline, load_baseline, report_delta_m  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
 from mtl.errors import ConfigError  # noqa: E402
 from mtl.heads import DECODER_STRIDES, DenseHead, check_dense_head  # noqa: E402
-from mtl.io import atomic_write, write_json  # noqa: E402
 from mtl.model import MultiTaskModel  # noqa: E402
 from mtl.tasks import nyuv2_tasks  # noqa: E402
 from mtl.trainer import Trainer  # noqa: E402
@@ -185,10 +184,7 @@ def train(args, tasks, decoders, options, baseline, root: Path) -> int:
     table = results_table(metrics, label)
     if baseline is not None:
         table += "\n\n" + report_delta_m(metrics, baseline, task_objs, args.delta_m)
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "results.json", {"metrics": metrics, "args": vars(args)})
-    atomic_write(out / "results.md", lambda f: f.write(table + "\n"), mode="w")
-    print(table)
+    write_results(out, table, {"metrics": metrics, "args": vars(args)}, metrics)
     print(f"\nrun folder: {out}")
     return 0
 

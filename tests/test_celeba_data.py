@@ -12,15 +12,10 @@ from PIL import Image
 
 from mtl.data import CelebA
 from mtl.data.celeba import IMAGENET_MEAN, IMAGENET_STD, MD5
+from mtl.data.synthetic import CELEBA_ATTRIBUTES
 from mtl.errors import ConfigError, DataError
 
-ATTRIBUTES = (
-    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
-    "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
-    "High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose "
-    "Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat "
-    "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
-).split()
+ATTRIBUTES = list(CELEBA_ATTRIBUTES)
 PARTITION = [0, 0, 0, 1, 1, 2]  # train, train, train, valid, valid, test
 
 
