@@ -766,9 +766,10 @@ def main(argv=None) -> int:
                 print(f"memory {name}: +{v['peak_increase_mib']:.0f} MiB peak RSS during one T40 step{rel}")
     print(f"load average (1, 5, 15 min): start {load_start}, end {load_end}")
     if noisy_reasons:
+        advice = "with more --rounds" + ("" if threads == 1 else ", or with --threads 1 (several torch threads per "
+                                         "process make busy-machine timings far noisier)")
         print(f"NOISY: {'; '.join(noisy_reasons)} (max / min within this run). The machine was busy; rerun when "
-              "it is quiet, with more --rounds, or with --threads 1 (oversubscribed torch threads make busy-machine "
-              "timings far noisier).")
+              f"it is quiet, {advice}.")
     print(f"results: {out / 'weighting.json'}, {out / 'weighting.md'} ({result['wall_s']:.0f}s)")
     for t in targets:
         print(f"{t['verdict']}: {t['target']} = {t['value']:.3f} (target <= {t['limit']:.2f})")

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import Weighting
-from .gradients import flat_matrix, per_task_gradients
+from .gradients import per_task_gradients
 
 
 class GradNormWeighting(Weighting):
@@ -74,7 +74,7 @@ class GradNormWeighting(Weighting):
     def backward(self, losses, shared_params=None, rep=None):
         L = self.stacked(losses)
         W = self.last_shared_weight(shared_params)
-        grads = flat_matrix(per_task_gradients(L, [W], batched=self.batched))
+        grads = per_task_gradients(L, [W], batched=self.batched)[0].flatten(1)  # (T, |W|), a view: no copy
         norms = self.all_mean(grads.detach().float()).norm(dim=1)  # ||grad_W L_t|| of the global batch
         global_losses = self.all_mean(L.detach().float())
         if torch.isnan(self.initial_losses).any():
