@@ -48,6 +48,11 @@ class MultiTaskModel(nn.Module):
     def forward(self, x: torch.Tensor, tasks: Iterable[str] | None = None, return_rep: bool = False):
         tasks = self._check_tasks(tasks)
         z = self.encode(x, tasks)
+        if return_rep and isinstance(z, (list, tuple)):
+            # Feature maps are nested (each computed from the one before). The heads read views,
+            # so a gradient with respect to the returned maps is the heads' own (partial) one and
+            # does not flow back through the encoder layers between the maps.
+            z = [f.view_as(f) if isinstance(f, torch.Tensor) else f for f in z]
         outputs = self.decode(z, tasks)
         return (outputs, z) if return_rep else outputs
 

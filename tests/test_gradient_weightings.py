@@ -151,3 +151,45 @@ def test_mgda_ub_accepts_a_list_of_feature_maps():
     weights = build_weighting("mgda_ub", ["a", "b"]).backward(losses, rep=[X, z])
     assert weights == pytest.approx({"a": 0.8, "b": 0.2}, abs=1e-6)
     assert torch.allclose(model.encoder.weight.grad, torch.outer(torch.tensor([0.8, 0.4]), X[0]), atol=1e-6)
+
+
+class Nested(nn.Module):
+    """An encoder returning nested feature maps: z1 = W1 x, z2 = W2 z1 (like an smp encoder's list)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(2, 2, bias=False)
+        self.second = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.first.weight.copy_(torch.tensor([[1.0, 0.5], [-0.5, 2.0]]))
+            self.second.weight.copy_(torch.tensor([[0.3, -1.0], [0.7, 0.2]]))
+
+    def forward(self, x):
+        z1 = self.first(x)
+        return [z1, self.second(z1)]
+
+
+class Reads(nn.Module):
+    def __init__(self, u, v):
+        super().__init__()
+        self.u, self.v = torch.tensor(u), torch.tensor(v)
+
+    def forward(self, maps):
+        return (maps[0] @ self.u + maps[1] @ self.v) ** 2
+
+
+def test_mgda_ub_on_nested_feature_maps_gives_every_encoder_weight_the_weighted_gradient():
+    model = MultiTaskModel(Nested(), {"a": Reads([1.0, 0.0], [0.0, 1.0]), "b": Reads([0.0, 2.0], [1.0, 1.0])})
+    outputs, rep = model(X, return_rep=True)
+    losses = {t: outputs[t].sum() for t in ("a", "b")}
+    weights = build_weighting("mgda_ub", ["a", "b"]).backward(losses, rep=rep)
+    alpha = [weights["a"], weights["b"]]
+    assert 0 < alpha[0] < 1
+    # reference: the gradient of the alpha-weighted sum, from a fresh forward pass
+    reference = MultiTaskModel(Nested(), {"a": Reads([1.0, 0.0], [0.0, 1.0]), "b": Reads([0.0, 2.0], [1.0, 1.0])})
+    out = reference(X)
+    (alpha[0] * out["a"].sum() + alpha[1] * out["b"].sum()).backward()
+    for name in ("first", "second"):
+        got = getattr(model.encoder, name).weight.grad
+        want = getattr(reference.encoder, name).weight.grad
+        assert torch.allclose(got, want, atol=1e-5), name
