@@ -109,7 +109,7 @@ def exit_on_user_error(run: Callable[[], int]) -> int:
     try:
         return run()
     except MultisupError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")
         return 2
 
 
@@ -128,4 +128,4 @@ def write_results(out, table: str, results: dict, metrics: dict | None = None) -
         write_json(out / "metrics.json", metrics)
     write_json(out / "results.json", results)
     atomic_write(out / "results.md", lambda f: f.write(table + "\n"), mode="w")
-    print(table)
+    sys.stdout.write(table + "\n")
