@@ -761,20 +761,24 @@ def write_markdown(path: Path, result: dict) -> None:
                  "| phase | median s |", "|---|---:|"]
         for k, v in med.items():
             rows.append(f"| {k.replace('_', ' ')} | {v:.2f} |")
-        maps = "; ".join(f"{'x'.join(map(str, fm['shape']))} ({', '.join(fm['tasks_with_gradient']) or 'no task'})"
-                         for fm in bd["feature_maps"])
+        def reach(maps):
+            return "; ".join(f"{'x'.join(map(str, fm['shape']))} ({', '.join(fm['tasks_with_gradient']) or 'no task'})"
+                             for fm in maps)
+
+        partial = ([fm["tasks_with_gradient"] for fm in bd["feature_maps"]]
+                   == [fm["tasks_with_gradient"] for fm in bd["heads_only_feature_maps"]])
         rows += ["", f"Per-task gradients batched / loop: {bd['batched_over_loop']:.2f} (max difference / max "
                  f"{bd['batched_vs_loop_max_diff_over_max']:.1e}). Feature maps of `rep` (tasks whose loss reaches "
-                 f"them): {maps}; {bd['rep_elements_per_task']:,} elements per task, a "
-                 f"{bd['per_task_gradient_matrix_float64_mib']:.0f} MiB float64 (T, P) matrix. These maps are "
-                 "nested (each is computed from the one before), so the gradient with respect to an early map "
-                 "passes back through the encoder layers above it: the batched per-task pass enters the encoder."]
-        heads = "; ".join(f"{'x'.join(map(str, fm['shape']))} ({', '.join(fm['tasks_with_gradient']) or 'no task'})"
-                          for fm in bd["heads_only_feature_maps"])
-        rows += ["", "For comparison (not what MGDA-UB runs): the same call on the heads alone, with respect to "
-                 f"detached copies of the feature maps, takes {med['heads_only_per_task_grads_batched']:.2f} s "
-                 f"batched and {med['heads_only_per_task_grads_loop']:.2f} s as a loop (each task's backward then "
-                 f"visits its own head only); maps that get a gradient there: {heads}."]
+                 f"them): {reach(bd['feature_maps'])}; {bd['rep_elements_per_task']:,} elements per task, a "
+                 f"{bd['per_task_gradient_matrix_float64_mib']:.0f} MiB float64 (T, P) matrix. "
+                 + ("The same maps get a gradient as when the heads alone are differentiated (below): the per-task "
+                    "gradients are the heads' partial ones and the pass stays in the heads." if partial else
+                    "More maps get a gradient than when the heads alone are differentiated (below): the maps are "
+                    "nested, the per-task gradients are total ones and the pass goes back into the encoder.")]
+        rows += ["", "For comparison: the same calls on the heads alone, with respect to detached copies of the "
+                 f"feature maps, take {med['heads_only_per_task_grads_batched']:.2f} s batched and "
+                 f"{med['heads_only_per_task_grads_loop']:.2f} s as a loop (each task's backward then visits its own "
+                 f"head only); maps that get a gradient there: {reach(bd['heads_only_feature_maps'])}."]
     mem = result.get("memory")
     if mem:
         how = next((v["first_step"]["how"] for v in mem.values() if "first_step" in v), "")

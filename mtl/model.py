@@ -48,11 +48,12 @@ class MultiTaskModel(nn.Module):
     def forward(self, x: torch.Tensor, tasks: Iterable[str] | None = None, return_rep: bool = False):
         tasks = self._check_tasks(tasks)
         z = self.encode(x, tasks)
-        if return_rep and isinstance(z, (list, tuple)):
-            # Feature maps are nested (each computed from the one before). The heads read views,
-            # so a gradient with respect to the returned maps is the heads' own (partial) one and
-            # does not flow back through the encoder layers between the maps.
-            z = [f.view_as(f) if isinstance(f, torch.Tensor) else f for f in z]
+        if return_rep:
+            # The heads read the very tensors returned, in float32: Accelerate turns low-precision
+            # outputs into float32 copies, which the heads would not have used (no gradient).
+            # Feature maps are nested (each computed from the one before); reading fresh tensors
+            # also makes a gradient with respect to them the heads' own (partial) one.
+            z = [_head_input(f) for f in z] if isinstance(z, (list, tuple)) else _head_input(z)
         outputs = self.decode(z, tasks)
         return (outputs, z) if return_rep else outputs
 
@@ -91,3 +92,9 @@ class MultiTaskModel(nn.Module):
         if unknown:
             raise ConfigError(f"unknown task(s) {unknown}; this model has heads {self.task_names}.")
         return tasks
+
+
+def _head_input(f):
+    if not isinstance(f, torch.Tensor):
+        return f
+    return f.float() if f.is_floating_point() and f.dtype != torch.float32 else f.view_as(f)

@@ -30,3 +30,11 @@ def test_weighting_trains_and_records_weights(tmp_path, name, precision):
             assert sum(w) == pytest.approx(1.0, abs=1e-5)  # a point of the simplex
         if name == "gradnorm":
             assert sum(w) == pytest.approx(2.0, abs=1e-4)  # renormalised to T
+
+
+def test_mgda_ub_in_bf16_sees_the_representation_the_heads_used(tmp_path):
+    """Accelerate returns float32 copies of bf16 outputs; the weights must still come from real gradients."""
+    t = make_trainer(tmp_path, weighting="mgda_ub", mixed_precision="bf16", epochs=1, log_every=1)
+    history = t.fit()
+    weights = [s["weights"]["a"] for s in history["steps"]]
+    assert all(0.0 < w < 1.0 for w in weights), weights  # (1, 0) would mean zero gradients w.r.t. z
