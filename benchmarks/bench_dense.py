@@ -80,7 +80,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -95,6 +94,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from common import load_average, machine_info as common_machine_info  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
 from mtl.heads import DenseHead  # noqa: E402
 from mtl.io import atomic_write, write_json  # noqa: E402
@@ -645,43 +645,12 @@ def time_precision(args, threads: int) -> dict:
 # ----- report --------------------------------------------------------------------------------------
 
 
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):  # not on every platform
-        return None
-
-
 def machine_info(threads_default: int, threads_used: int) -> dict:
     import accelerate
     import segmentation_models_pytorch as smp
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem_kib = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
-    except (OSError, StopIteration, ValueError):
-        mem_kib = None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "memory_gib": round(mem_kib / 2**20, 1) if mem_kib else None,
-        "torch": torch.__version__,
-        "accelerate": accelerate.__version__,
-        "segmentation_models_pytorch": smp.__version__,
-        "torch_threads_default": threads_default,
-        "torch_threads": threads_used,
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "cuda_available": torch.cuda.is_available(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+    return common_machine_info(accelerate=accelerate.__version__, segmentation_models_pytorch=smp.__version__,
+                               torch_threads_default=threads_default, torch_threads=threads_used)
 
 
 def verdict_at_most(value: float, limit: float) -> str:

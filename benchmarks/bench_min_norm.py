@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -55,6 +53,7 @@ import scipy  # noqa: E402
 import torch  # noqa: E402
 from scipy.optimize import minimize  # noqa: E402
 
+from common import load_average, machine_info as common_machine_info  # noqa: E402
 from mtl.io import atomic_write, ensure_writable_dir, write_json  # noqa: E402
 from mtl.weighting.min_norm import min_norm_weights  # noqa: E402
 
@@ -204,29 +203,8 @@ def time_calls(fns: dict, calls: int, block: int = 10) -> dict[str, list[float]]
     return times
 
 
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
 def machine_info(threads: int) -> dict:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "torch_threads": threads,
-    }
+    return common_machine_info(numpy=np.__version__, scipy=scipy.__version__, torch_threads=threads)
 
 
 def us(seconds: float) -> float:

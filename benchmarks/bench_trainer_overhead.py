@@ -40,8 +40,6 @@ import argparse
 import datetime as dt
 import gc
 import logging
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -57,6 +55,7 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from common import load_average, machine_info as common_machine_info  # noqa: E402
 from mtl.config import TrainerConfig  # noqa: E402
 from mtl.data import MultiMNIST  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
@@ -182,32 +181,11 @@ def timed(fn, threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):  # not on every platform
-        return None
-
-
 def machine_info(threads_default: int, threads_used: int) -> dict:
     import accelerate
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "torch": torch.__version__,
-        "accelerate": accelerate.__version__,
-        "torch_threads_default": threads_default,
-        "torch_threads": threads_used,
-        "torch_interop_threads": torch.get_num_interop_threads(),
-    }
+    return common_machine_info(accelerate=accelerate.__version__, torch_threads_default=threads_default,
+                               torch_threads=threads_used)
 
 
 def write_markdown(path: Path, result: dict) -> None:

@@ -81,8 +81,6 @@ import gc
 import json
 import logging
 import math
-import os
-import platform
 import re
 import shlex
 import statistics
@@ -99,6 +97,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from common import load_average, machine_info as common_machine_info  # noqa: E402
 from mtl.data import MultiMNIST  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
 from mtl.heads import ClassificationHead, MultiLabelHead  # noqa: E402
@@ -529,36 +528,8 @@ def measure_memory(args) -> dict:
 # ----- report --------------------------------------------------------------------------------------
 
 
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
 def machine_info(threads_default: int, threads_used: int) -> dict:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem_kib = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
-    except (OSError, StopIteration, ValueError):
-        mem_kib = None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "memory_gib": round(mem_kib / 2**20, 1) if mem_kib else None,
-        "torch": torch.__version__,
-        "torch_threads_default": threads_default,
-        "torch_threads": threads_used,
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-    }
+    return common_machine_info(torch_threads_default=threads_default, torch_threads=threads_used)
 
 
 def verdict(value: float, limit: float) -> str:

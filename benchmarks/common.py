@@ -1,0 +1,42 @@
+"""What every benchmark records beside its figures: the machine and its load."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def machine_info(**extra) -> dict:
+    """Platform, CPUs, memory, torch and device facts, plus the benchmark's own ``extra`` entries."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem_kib = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        mem_kib = None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "memory_gib": round(mem_kib / 2**20, 1) if mem_kib else None,
+        "torch": torch.__version__,
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **extra,
+    }
