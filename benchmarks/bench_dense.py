@@ -35,13 +35,12 @@ Measured:
    there; its ratio is the median of its figures over the median of equal weighting's.
    Per-round ratios (method / equal in the same round) are reported too.
    Target: MGDA-UB <= 1.15x equal.
-2. Where MGDA-UB's extra time goes (``--breakdown-rounds``): on one forward graph of its
-   model, the forward pass with the losses, ``per_task_gradients`` of the three losses with
-   respect to the encoder's feature maps (the ``rep`` that MGDA-UB differentiates) batched
-   (vmap) and as a per-task loop, the Gram matrix with the min-norm solve, and the plain
-   backward of the loss sum (what equal weighting runs). For comparison, the same calls
-   (batched and looped) on the heads alone, with respect to detached copies of the feature
-   maps (the extra heads forward they need is not timed).
+2. Where MGDA-UB's time goes (``--breakdown-rounds``): on one forward graph of its model,
+   the forward pass with the losses, the graph walk that finds the heads' parameters and
+   the feature maps they read, the per-task backward passes through the heads
+   (``split_gradients``) as a loop (what MGDA-UB runs) and batched (vmap), the Gram matrix
+   with the min-norm solve, and the pass through the encoder; beside them the plain
+   backward of the loss sum on a fresh graph of the same batch (what equal weighting runs).
 3. Peak memory of one step per method, each method in a fresh subprocess: on the CPU the
    kernel's peak-RSS mark (VmHWM) is reset after the model, weighting, optimizer and batches
    are built (``/proc/self/clear_refs`` with ``5``), VmRSS is read (the post-build baseline),
@@ -101,7 +100,8 @@ from mtl.io import atomic_write, write_json  # noqa: E402
 from mtl.model import MultiTaskModel  # noqa: E402
 from mtl.tasks import nyuv2_tasks  # noqa: E402
 from mtl.weighting import build_weighting  # noqa: E402
-from mtl.weighting.gradients import flat_matrix, per_task_gradients  # noqa: E402
+from mtl.weighting.gradients import gram_matrix, split_gradients  # noqa: E402
+from mtl.weighting.graph import walk_to_boundary  # noqa: E402
 
 METHODS = ("equal", "mgda_ub", "gradnorm", "uncertainty")
 OUT_CHANNELS = {"segmentation": 13, "depth": 1, "normal": 3}  # as scripts/train_nyuv2.py
@@ -153,7 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
     g.add_argument("--steps-per-round", type=int, default=1, help="consecutive steps of one method per round")
     g.add_argument("--breakdown-rounds", type=int, default=3,
-                   help="rounds of the MGDA-UB breakdown (forward, per-task gradients batched and looped, "
+                   help="rounds of the MGDA-UB breakdown (forward, per-task passes looped and batched, "
                         "Gram + solve, backward of the sum, heads-only per-task gradients); 0: skip")
     g = p.add_argument_group("memory")
     g.add_argument("--memory-methods", default=",".join(METHODS),
@@ -375,10 +375,10 @@ def time_methods(setup: Setup, args, threads: int) -> tuple[dict, dict[str, Runn
 
 
 def mgda_ub_breakdown(runner: Runner, rounds: int, threads: int) -> dict:
-    """Phases of MGDA-UB's extra work, timed on one forward graph per round (no optimizer step)."""
-    model, weighting, device, tasks = runner.model, runner.weighting, runner.setup.device, runner.setup.tasks
-    phases = ("forward_and_losses", "per_task_grads_batched", "per_task_grads_loop", "gram_and_solve",
-              "backward_of_sum", "heads_only_per_task_grads_batched", "heads_only_per_task_grads_loop")
+    """MGDA-UB's phases, timed on one forward graph per round (no optimizer step), beside equal's backward."""
+    model, weighting, device = runner.model, runner.weighting, runner.setup.device
+    phases = ("forward_and_losses", "graph_walk", "per_task_passes_loop", "per_task_passes_batched",
+              "gram_and_solve", "encoder_pass", "backward_of_sum")
     times: dict[str, list[float]] = {k: [] for k in phases}
 
     def clock(key, fn):
@@ -390,50 +390,35 @@ def mgda_ub_breakdown(runner: Runner, rounds: int, threads: int) -> dict:
         times[key].append(time.perf_counter() - t0)
         return out
 
-    def reached(L: torch.Tensor, inputs, grads) -> list[dict]:
-        return [{"shape": list(z.shape), "elements": z.numel(),
-                 "tasks_with_gradient": [weighting.task_names[t] for t in range(L.shape[0])
-                                         if bool(g[t].abs().sum() > 0)]}
-                for z, g in zip(inputs, grads)]
-
     def one_round(r: int) -> dict:
         """Times the phases once; the graph and gradients of the round die on return."""
         batch = runner.setup.batches[r % len(runner.setup.batches)]
         losses, rep = clock("forward_and_losses", lambda: runner.losses(batch))
-        L = weighting.stacked(losses)
-        reps = weighting._differentiable_parts(rep)  # the feature maps MGDA-UB differentiates
-        grads = {}
+        per_task = weighting.ordered(losses)
+        parts = weighting._differentiable_parts(rep)
+        heads, reps = clock("graph_walk", lambda: walk_to_boundary(per_task, parts))
+        results = {}
         for mode in (("batched", "loop") if r % 2 == 0 else ("loop", "batched")):
-            grads[mode] = clock(f"per_task_grads_{mode}",
-                                lambda: per_task_gradients(L, reps, batched=(mode == "batched")))
+            results[mode] = clock(f"per_task_passes_{mode}",
+                                  lambda: split_gradients(per_task, reps, heads, batched=(mode == "batched")))
         info = {}
         if r == 0:
-            info["max_diff"] = max(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
-                                   for a, b in zip(grads["batched"], grads["loop"]))
-            info["feature_maps"] = reached(L, reps, grads["batched"])
-        dzs = grads.pop("batched")
-        grads.clear()
-
-        def gram_and_solve():
-            M = flat_matrix(dzs).double()
-            return weighting.solve(M @ M.T, L)
-
-        clock("gram_and_solve", gram_and_solve)
-        clock("backward_of_sum", lambda: L.sum().backward())
+            pairs = [*zip(results["batched"][0], results["loop"][0]), *zip(results["batched"][1], results["loop"][1])]
+            info["max_diff"] = max(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item() for a, b in pairs)
+            info["maps_read"] = [list(z.shape) for z in reps]
+            info["maps_returned"] = [list(z.shape) for z in parts]
+            info["head_parameters"] = sum(p.numel() for p in heads)
+        dzs, head_grads = results.pop("loop")
+        results.clear()
+        alpha = clock("gram_and_solve",
+                      lambda: weighting.solve(gram_matrix(dzs), torch.stack([x.detach() for x in per_task])))
+        combined = [torch.tensordot(alpha.to(dz.dtype), dz, dims=1) for dz in dzs]
+        clock("encoder_pass", lambda: weighting.apply_gradients(reps + heads, combined + head_grads))
         model.zero_grad(set_to_none=True)
-        # For comparison: the same batched call on the heads alone, differentiating with respect to detached
-        # copies of the feature maps (the heads' own inputs), so that no backward pass enters the encoder.
-        # The extra heads forward this needs is not timed.
-        detached = [z.detach().requires_grad_(z.requires_grad) for z in rep]
-        head_outputs = model.decode(detached, [t.name for t in tasks])
-        Lh = weighting.stacked({t.name: t.loss(head_outputs[t.name], t.target(batch[1])) for t in tasks})
-        leaves = [z for z in detached if z.requires_grad]
-        for mode in (("batched", "loop") if r % 2 == 0 else ("loop", "batched")):
-            heads_dzs = clock(f"heads_only_per_task_grads_{mode}",
-                              lambda: per_task_gradients(Lh, leaves, batched=(mode == "batched")))
-            if r == 0 and mode == "batched":
-                info["heads_maps"] = reached(Lh, leaves, heads_dzs)
-            del heads_dzs
+        # equal weighting's backward on a fresh graph of the same batch
+        losses, _ = runner.losses(batch)
+        clock("backward_of_sum", lambda: sum(losses.values()).backward())
+        model.zero_grad(set_to_none=True)
         return info
 
     first = {}
@@ -445,18 +430,18 @@ def mgda_ub_breakdown(runner: Runner, rounds: int, threads: int) -> dict:
               + ", ".join(f"{k} {times[k][-1]:.2f}" for k in phases), flush=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    T = len(weighting.task_names)
-    elements = sum(f["elements"] for f in first["feature_maps"])
     return {
         "rounds": rounds,
         "times_s": times,
         "median_s": med,
-        "batched_over_loop": med["per_task_grads_batched"] / med["per_task_grads_loop"],
+        "batched_over_loop": med["per_task_passes_batched"] / med["per_task_passes_loop"],
         "batched_vs_loop_max_diff_over_max": first["max_diff"],
-        "feature_maps": first["feature_maps"],
-        "heads_only_feature_maps": first["heads_maps"],
-        "rep_elements_per_task": elements,
-        "per_task_gradient_matrix_float64_mib": T * elements * 8 / 2**20,
+        "maps_read_by_heads": first["maps_read"],
+        "maps_returned": first["maps_returned"],
+        "head_parameters": first["head_parameters"],
+        "mgda_ub_backward_over_equal_backward":
+            (med["graph_walk"] + med["per_task_passes_loop"] + med["gram_and_solve"] + med["encoder_pass"])
+            / med["backward_of_sum"],
     }
 
 
@@ -730,24 +715,15 @@ def write_markdown(path: Path, result: dict) -> None:
                  "| phase | median s |", "|---|---:|"]
         for k, v in med.items():
             rows.append(f"| {k.replace('_', ' ')} | {v:.2f} |")
-        def reach(maps):
-            return "; ".join(f"{'x'.join(map(str, fm['shape']))} ({', '.join(fm['tasks_with_gradient']) or 'no task'})"
-                             for fm in maps)
-
-        partial = ([fm["tasks_with_gradient"] for fm in bd["feature_maps"]]
-                   == [fm["tasks_with_gradient"] for fm in bd["heads_only_feature_maps"]])
-        rows += ["", f"Per-task gradients batched / loop: {bd['batched_over_loop']:.2f} (max difference / max "
-                 f"{bd['batched_vs_loop_max_diff_over_max']:.1e}). Feature maps of `rep` (tasks whose loss reaches "
-                 f"them): {reach(bd['feature_maps'])}; {bd['rep_elements_per_task']:,} elements per task, a "
-                 f"{bd['per_task_gradient_matrix_float64_mib']:.0f} MiB float64 (T, P) matrix. "
-                 + ("The same maps get a gradient as when the heads alone are differentiated (below): the per-task "
-                    "gradients are the heads' partial ones and the pass stays in the heads." if partial else
-                    "More maps get a gradient than when the heads alone are differentiated (below): the maps are "
-                    "nested, the per-task gradients are total ones and the pass goes back into the encoder.")]
-        rows += ["", "For comparison: the same calls on the heads alone, with respect to detached copies of the "
-                 f"feature maps, take {med['heads_only_per_task_grads_batched']:.2f} s batched and "
-                 f"{med['heads_only_per_task_grads_loop']:.2f} s as a loop (each task's backward then visits its own "
-                 f"head only); maps that get a gradient there: {reach(bd['heads_only_feature_maps'])}."]
+        shapes = "; ".join("x".join(map(str, m)) for m in bd["maps_read_by_heads"])
+        rows += ["", f"Per task, one backward pass from its own loss through its own head gives its gradient at "
+                 f"the feature maps the heads read ({shapes}; {len(bd['maps_returned'])} maps returned) and its "
+                 f"head's gradient ({bd['head_parameters']:,} head parameters); then one pass through the encoder "
+                 f"(`encoder pass`). The same passes batched over the tasks (vmap) take "
+                 f"{bd['batched_over_loop']:.2f}x the loop (max difference / max "
+                 f"{bd['batched_vs_loop_max_diff_over_max']:.1e}). MGDA-UB's whole backward (walk, passes, Gram and "
+                 f"solve, encoder pass) / equal's backward of the loss sum: "
+                 f"{bd['mgda_ub_backward_over_equal_backward']:.2f}."]
     mem = result.get("memory")
     if mem:
         how = next((v["first_step"]["how"] for v in mem.values() if "first_step" in v), "")

@@ -39,13 +39,15 @@ equal in the same round, are reported too).
 
 Also measured, at T = 40:
 
-- exact MGDA's per-task gradients on the shared ResNet-18 parameters:
-  ``mtl.weighting.gradients.per_task_gradients(L, params, batched=True)`` against
-  ``batched=False`` (one backward per task), called alternately ``--grad-rounds`` times
-  each on one retained forward graph, no separate warm-up (the MGDA steps before ran the
-  batched call on the same shapes; the loop runs the ordinary backward kernels that every
-  step ran). The same for GradNorm's per-task gradients at the last shared weight. Both
-  results are compared once (max absolute difference / max absolute value).
+- the routes to the per-task quantities the gradient methods need, on one retained
+  forward graph, called in rotated order ``--grad-rounds`` times each, no separate warm-up
+  (the steps before ran the same shapes): exact MGDA's per-task gradients on the shared
+  ResNet-18 parameters, ``per_task_gradients(L, params, batched=True)`` against
+  ``batched=False`` (one backward per task), and optionally (``--torch-func-calls``)
+  ``torch.func``'s vjp + vmap; GradNorm's per-task norms at the last shared weight by its
+  layer route (``GradNormWeighting.gradient_norms``), by the batched call and by the loop.
+  Every route's result is compared with the loop's (max absolute difference / max
+  absolute value).
 - which operations of the backward pass have no batching rule in the legacy vmap that
   ``torch.autograd.grad(..., is_grads_batched=True)`` uses (these run one task at a time
   inside the "batched" call), from the warnings that torch shows only when
@@ -120,6 +122,14 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 STEP_TARGETS = {("t2", "mgda_ub"): 1.10, ("t40", "mgda_ub"): 1.25, ("t2", "gradnorm"): 1.30, ("t40", "gradnorm"): 1.30}
 GRAD_TARGET = 0.50  # batched / loop time of exact MGDA's per-task gradients at T = 40 (>= 2x faster)
 MEMORY_CHILD_FLAG = "--memory-child"
+ROUTES_TEXT = (
+    "Routes: `loop` = `per_task_gradients(batched=False)`, one `autograd.grad` per task; `batched` = "
+    "`per_task_gradients(batched=True)`, one `autograd.grad(..., is_grads_batched=True)`; `layer` = "
+    "`GradNormWeighting.gradient_norms`, the norms from the layer's input and the T gradients at its output "
+    "(`mtl/weighting/layer_gradients.py`); `torch_func` = `torch.func.vjp` of a functional forward and "
+    "`torch.func.vmap` of its pullback over the T unit cotangents (includes one forward pass). For GradNorm "
+    "every route ends in the T norms."
+)
 
 TIMED_STEP = (
     "model forward (return_rep=True), Task.loss per task, losses stacked and copied to floats with a finiteness "
@@ -155,6 +165,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slow-rounds", type=int, default=3, help="rounds that a slow method takes part in")
     p.add_argument("--grad-rounds", type=int, default=3,
                    help="timed calls of each of per_task_gradients(batched=True/False) at T = 40 (0: skip)")
+    p.add_argument("--torch-func-calls", type=int, default=0,
+                   help="timed calls of the torch.func route to exact MGDA's per-task gradients at T = 40 "
+                        "(about 3 minutes each on one CPU thread; 0: skip)")
     p.add_argument("--t2-batch-size", type=int, default=256, help="batch size at T = 2")
     p.add_argument("--t2-data", choices=("multimnist", "random"), default="multimnist",
                    help="T = 2 inputs: MultiMNIST pairs from the embedded MNIST digits, or random images/labels")
@@ -175,6 +188,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("rounds", "max_steps", "slow_rounds", "t2_batch_size", "t40_batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.torch_func_calls < 0:
+        p.error(f"--torch-func-calls must be >= 0, got {args.torch_func_calls}")
     if args.grad_rounds < 0:
         p.error(f"--grad-rounds must be >= 0, got {args.grad_rounds}")
     if not (args.round_seconds > 0 and args.slow_step_s > 0 and args.slow_factor > 0):
@@ -354,56 +369,113 @@ def time_setting(setting: Setting, args, threads: int) -> tuple[dict, dict[str, 
     return figures, runners
 
 
-def time_per_task_gradients(runner: Runner, rounds: int, threads: int) -> dict:
-    """Alternating calls of per_task_gradients(batched=True/False) on the shared parameters and on GradNorm's W."""
+def gradient_routes(runner: Runner) -> dict[str, dict]:
+    """The ways of computing GradNorm's per-task norms and exact MGDA's per-task gradients, on one retained graph."""
     model = runner.model
     losses, _ = runner.losses(runner.setting.batches[0])
-    L = torch.stack([losses[t] for t in runner.setting.task_names])
+    L = [losses[t] for t in runner.setting.task_names]
     params = [p for p in runner.shared_params if p.requires_grad]
     W = GradNormWeighting.last_shared_weight(runner.shared_params)
-    w_name = next(n for n, p in model.encoder.named_parameters() if p is W)
+    gradnorm = GradNormWeighting(runner.setting.task_names)
+
+    def norms(batched):
+        return lambda: per_task_gradients(L, [W], batched=batched)[0].flatten(1).norm(dim=1)
+
+    return {
+        "gradnorm_last_shared_weight": {
+            "inputs": next(n for n, p in model.encoder.named_parameters() if p is W), "parameters": W.numel(),
+            "routes": {"layer": lambda: gradnorm.gradient_norms(L, W), "batched": norms(True), "loop": norms(False)},
+        },
+        "mgda_shared_parameters": {
+            "inputs": f"{len(params)} shared parameter tensors", "parameters": sum(p.numel() for p in params),
+            "routes": {"batched": lambda: per_task_gradients(L, params, batched=True),
+                       "loop": lambda: per_task_gradients(L, params, batched=False)},
+        },
+    }
+
+
+def torch_func_route(runner: Runner):
+    """Exact MGDA's per-task gradients with torch.func: ``vjp`` of a functional forward, ``vmap`` over the T cotangents.
+
+    Includes one forward pass of the encoder (the other routes reuse a retained graph).
+    """
+    model, setting = runner.model, runner.setting
+    inputs, targets = setting.batches[0]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    shared = [n for n, p in params.items() if any(p is q for q in runner.shared_params)]
+    buffers = dict(model.named_buffers())
+
+    def losses(p):
+        outputs = torch.func.functional_call(model, (p, {k: v.clone() for k, v in buffers.items()}), (inputs,))
+        return torch.stack([t.loss(outputs[t.name], t.target(targets)) for t in setting.tasks])
+
+    def run():
+        L, pullback = torch.func.vjp(losses, params)
+        grads = torch.func.vmap(pullback)(torch.eye(L.shape[0]))[0]
+        return [grads[n] for n in shared]
+    return run
+
+
+def time_gradient_routes(runner: Runner, rounds: int, threads: int, torch_func_calls: int) -> dict:
+    """Alternating calls of every route (rotated order each round); each route's result checked against the loop's."""
+    entries = gradient_routes(runner)
     result = {}
-    for key, inputs in (("gradnorm_last_shared_weight", [W]), ("mgda_shared_parameters", params)):
-        n_params = sum(p.numel() for p in inputs)
-        times = {"batched": [], "loop": []}
-        check = None
+    for key, entry in entries.items():
+        routes = entry["routes"]
+        names = list(routes)
+        times = {n: [] for n in names}
+        reference = kept = None
         for r in range(rounds):
-            order = ("batched", "loop") if r % 2 == 0 else ("loop", "batched")
             kept = {}
-            for mode in order:
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 ensure_threads(threads)
                 gc.collect()
                 t0 = time.perf_counter()
-                grads = per_task_gradients(L, inputs, batched=(mode == "batched"))
-                times[mode].append(time.perf_counter() - t0)
+                value = routes[name]()
+                times[name].append(time.perf_counter() - t0)
                 if r == 0:
-                    kept[mode] = grads
-                del grads
+                    kept[name] = value
+                del value
             if r == 0:
-                diff = max((a - b).abs().max().item() for a, b in zip(kept["batched"], kept["loop"]))
-                scale = max(b.abs().max().item() for b in kept["loop"])
-                check = diff / scale if scale > 0 else diff
-                del kept
-            print(f"  {key} round {r + 1}/{rounds}: batched {times['batched'][-1]:.3f}s, "
-                  f"loop {times['loop'][-1]:.3f}s", flush=True)
-        med_b, med_l = statistics.median(times["batched"]), statistics.median(times["loop"])
-        ratios = [b / lp for b, lp in zip(times["batched"], times["loop"])]
+                reference = kept.pop("loop")
+                checks = {n: relative_difference(v, reference) for n, v in kept.items()}
+                kept = None
+            print(f"  {key} round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names),
+                  flush=True)
+        if key == "mgda_shared_parameters" and torch_func_calls:
+            run = torch_func_route(runner)
+            times["torch_func"] = []
+            for c in range(torch_func_calls):
+                ensure_threads(threads)
+                t0 = time.perf_counter()
+                value = run()
+                times["torch_func"].append(time.perf_counter() - t0)
+                print(f"  {key} torch.func call {c + 1}/{torch_func_calls}: {times['torch_func'][-1]:.1f}s", flush=True)
+            checks["torch_func"] = relative_difference(value, reference)
+            del value
+        medians = {n: statistics.median(v) for n, v in times.items()}
         result[key] = {
-            "inputs": w_name if key.startswith("gradnorm") else f"{len(inputs)} shared parameter tensors",
-            "parameters": n_params,
-            "per_task_gradient_bytes": L.shape[0] * n_params * 4,
-            "batched_s": times["batched"],
-            "loop_s": times["loop"],
-            "batched_median_s": med_b,
-            "loop_median_s": med_l,
-            "batched_over_loop": med_b / med_l,
-            "speedup_loop_over_batched": med_l / med_b,
-            "round_ratios": ratios,
+            "inputs": entry["inputs"],
+            "parameters": entry["parameters"],
+            "per_task_gradient_bytes": len(runner.setting.task_names) * entry["parameters"] * 4,
+            "seconds": times,
+            "median_s": medians,
+            "over_loop": {n: medians[n] / medians["loop"] for n in medians if n != "loop"},
+            "round_ratios": {n: [a / b for a, b in zip(times[n], times["loop"])] for n in names if n != "loop"},
             "spread_max_over_min": max(max(v) / min(v) for v in times.values()),
-            "max_abs_diff_over_max_abs": check,
+            "max_abs_diff_over_max_abs": checks,
         }
-    del L, losses
+        del reference
     return result
+
+
+def relative_difference(value, reference) -> float:
+    """Largest absolute difference over the largest absolute reference entry (tensors or lists of tensors)."""
+    value = value if isinstance(value, (list, tuple)) else [value]
+    reference = reference if isinstance(reference, (list, tuple)) else [reference]
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(value, reference))
+    scale = max(b.abs().max().item() for b in reference)
+    return diff / scale if scale > 0 else diff
 
 
 def vmap_fallback_ops(setting: Setting, runner: Runner, samples: int = 2) -> list[str] | None:
@@ -546,9 +618,10 @@ def build_targets(settings: dict, grads: dict | None) -> list[dict]:
                          "verdict": verdict(f["ratio_of_medians"], limit)})
     if grads and "mgda_shared_parameters" in grads:
         g = grads["mgda_shared_parameters"]
+        value = g["over_loop"]["batched"]
         rows.append({"target": "per_task_gradients batched / loop time at T40 (>= 2x faster)", "limit": GRAD_TARGET,
-                     "value": g["batched_over_loop"], "median_round_ratio": statistics.median(g["round_ratios"]),
-                     "verdict": verdict(g["batched_over_loop"], GRAD_TARGET)})
+                     "value": value, "median_round_ratio": statistics.median(g["round_ratios"]["batched"]),
+                     "verdict": verdict(value, GRAD_TARGET)})
     return rows
 
 
@@ -561,7 +634,7 @@ def noisy_entries(settings: dict, grads: dict | None) -> list[str]:
             if m != "equal" and f["rounds_timed"] > 1 and f["ratio_spread_max_over_min"] > NOISY_SPREAD:
                 bad.append(f"{key}/{m} round ratios {f['ratio_spread_max_over_min']:.2f}x")
     for k, g in (grads or {}).items():
-        if len(g["batched_s"]) > 1 and g["spread_max_over_min"] > NOISY_SPREAD:
+        if len(g["seconds"]["loop"]) > 1 and g["spread_max_over_min"] > NOISY_SPREAD:
             bad.append(f"t40/{k} call times {g['spread_max_over_min']:.2f}x")
     return bad
 
@@ -597,14 +670,17 @@ def write_markdown(path: Path, result: dict) -> None:
                         f"{f['median_round_ratio']:.3f} | {', '.join(f'{r:.2f}' for r in f['round_ratios'])} |")
     g = result.get("per_task_gradients")
     if g:
-        rows += ["", "## Per-task gradients at T40: per_task_gradients(batched=True) vs batched=False", "",
-                 "| inputs | parameters | T x P float32 | batched median (s) | loop median (s) | batched / loop "
-                 "| speedup | max diff / max |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        rows += ["", "## Per-task gradients at T40: each route against one backward pass per task (loop)", "",
+                 ROUTES_TEXT, "",
+                 "| inputs | parameters | T x P float32 | route | median (s) | route / loop | max diff / max |",
+                 "|---|---:|---:|---|---:|---:|---:|"]
         for k, v in g.items():
-            rows.append(f"| {k} ({v['inputs']}) | {v['parameters']:,} | {v['per_task_gradient_bytes'] / 2**20:.0f} MiB "
-                        f"| {v['batched_median_s']:.3f} | {v['loop_median_s']:.3f} | {v['batched_over_loop']:.3f} | "
-                        f"{v['speedup_loop_over_batched']:.2f}x | {v['max_abs_diff_over_max_abs']:.1e} |")
+            for route, median in v["median_s"].items():
+                ratio = v["over_loop"].get(route, 1.0)
+                check = v["max_abs_diff_over_max_abs"].get(route)
+                rows.append(f"| {k} ({v['inputs']}) | {v['parameters']:,} | "
+                            f"{v['per_task_gradient_bytes'] / 2**20:.0f} MiB | {route} | {median:.3f} | {ratio:.3f} | "
+                            f"{'' if check is None else f'{check:.1e}'} |")
     fb = result.get("vmap_fallback_ops")
     if fb is not None:
         rows += ["", "Backward operations without a batching rule in the legacy vmap behind "
@@ -668,7 +744,7 @@ def main(argv=None) -> int:
             if args.profile:
                 prof = profile_steps(runners, figures, threads)
             if args.grad_rounds:
-                grads = time_per_task_gradients(runners["equal"], args.grad_rounds, threads)
+                grads = time_gradient_routes(runners["equal"], args.grad_rounds, threads, args.torch_func_calls)
         del runners
         gc.collect()
     memory = {}
@@ -687,7 +763,7 @@ def main(argv=None) -> int:
         "config": {"settings": args.settings, "methods": args.methods, "rounds": args.rounds,
                    "round_seconds": args.round_seconds, "max_steps": args.max_steps,
                    "slow_factor": args.slow_factor, "slow_step_s": args.slow_step_s, "slow_rounds": args.slow_rounds,
-                   "grad_rounds": args.grad_rounds, "t2_batch_size": args.t2_batch_size, "t2_data": args.t2_data,
+                   "grad_rounds": args.grad_rounds, "torch_func_calls": args.torch_func_calls, "t2_batch_size": args.t2_batch_size, "t2_data": args.t2_data,
                    "t40_batch_size": args.t40_batch_size, "memory_methods": args.memory_methods,
                    "profile": args.profile, "threads": args.threads, "seed": args.seed,
                    "optimizer": f"Adam lr {LR}", "device": "cpu", "through_trainer": False,
@@ -721,11 +797,11 @@ def main(argv=None) -> int:
                   f"{f['min_ms']:>8.1f} {f['max_ms']:>8.1f} {f['ratio_of_medians']:>7.3f} "
                   f"{f['median_round_ratio']:>8.3f}")
     if grads:
-        print("\nper-task gradients at T40 (per_task_gradients batched=True vs batched=False):")
+        print("\nper-task gradients at T40, each route against the per-task loop:")
         for k, v in grads.items():
-            print(f"  {k}: batched {v['batched_median_s']:.3f}s, loop {v['loop_median_s']:.3f}s, "
-                  f"batched/loop {v['batched_over_loop']:.3f} (speedup {v['speedup_loop_over_batched']:.2f}x), "
-                  f"max diff/max {v['max_abs_diff_over_max_abs']:.1e}")
+            print(f"  {k}: loop {v['median_s']['loop']:.3f}s; " + "; ".join(
+                f"{n} {v['median_s'][n]:.3f}s = {r:.3f}x loop (max diff/max {v['max_abs_diff_over_max_abs'][n]:.1e})"
+                for n, r in v["over_loop"].items()))
     for key, ops in fallback.items():
         if ops is not None:
             print(f"legacy-vmap fallback ops at {key.upper()}: {', '.join(ops) if ops else 'none'}")

@@ -97,4 +97,4 @@ class MultiTaskModel(nn.Module):
 def _head_input(f):
     if not isinstance(f, torch.Tensor):
         return f
-    return f.float() if f.is_floating_point() and f.dtype != torch.float32 else f.view_as(f)
+    return f.float() if f.dtype in (torch.float16, torch.bfloat16) else f.view_as(f)

@@ -11,6 +11,7 @@ from mtl.errors import ConfigError
 from mtl.model import MultiTaskModel
 from mtl.weighting import build_weighting
 from mtl.weighting.gradnorm import GradNormWeighting
+from mtl.weighting.graph import walk_to_boundary
 
 X = torch.tensor([[1.0, 2.0]])  # one sample
 
@@ -178,18 +179,63 @@ class Reads(nn.Module):
         return (maps[0] @ self.u + maps[1] @ self.v) ** 2
 
 
-def test_mgda_ub_on_nested_feature_maps_gives_every_encoder_weight_the_weighted_gradient():
-    model = MultiTaskModel(Nested(), {"a": Reads([1.0, 0.0], [0.0, 1.0]), "b": Reads([0.0, 2.0], [1.0, 1.0])})
+class ScaledReads(Reads):
+    """``Reads`` with a learned scale: a head with a parameter of its own."""
+
+    def __init__(self, u, v):
+        super().__init__(u, v)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.backward_passes = 0  # backward passes through this head
+
+    def forward(self, maps):
+        inner = super().forward(maps)
+        if inner.requires_grad:
+            inner.register_hook(lambda grad: setattr(self, "backward_passes", self.backward_passes + 1))
+        return self.scale * inner
+
+
+def nested_model(head=Reads):
+    return MultiTaskModel(Nested(), {"a": head([1.0, 0.0], [0.0, 1.0]), "b": head([0.0, 2.0], [1.0, 1.0])})
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per-task", "batched"])
+def test_mgda_ub_on_nested_feature_maps_gives_every_encoder_weight_the_weighted_gradient(batched):
+    model = nested_model(ScaledReads)
     outputs, rep = model(X, return_rep=True)
     losses = {t: outputs[t].sum() for t in ("a", "b")}
-    weights = build_weighting("mgda_ub", ["a", "b"]).backward(losses, rep=rep)
+    weights = build_weighting("mgda_ub", ["a", "b"], batched=batched).backward(losses, rep=rep)
     alpha = [weights["a"], weights["b"]]
     assert 0 < alpha[0] < 1
     # reference: the gradient of the alpha-weighted sum, from a fresh forward pass
-    reference = MultiTaskModel(Nested(), {"a": Reads([1.0, 0.0], [0.0, 1.0]), "b": Reads([0.0, 2.0], [1.0, 1.0])})
+    reference = nested_model(ScaledReads)
     out = reference(X)
     (alpha[0] * out["a"].sum() + alpha[1] * out["b"].sum()).backward()
     for name in ("first", "second"):
         got = getattr(model.encoder, name).weight.grad
         want = getattr(reference.encoder, name).weight.grad
         assert torch.allclose(got, want, atol=1e-5), name
+    # the heads: their own task's gradient, unweighted
+    for t, a in zip(("a", "b"), alpha):
+        assert torch.allclose(model.heads[t].scale.grad, reference.heads[t].scale.grad / a, atol=1e-5), t
+
+
+def test_mgda_ub_runs_each_head_backward_once_per_step():
+    """The per-task passes give the heads their gradients: the encoder pass must not go through them again."""
+    model = nested_model(ScaledReads)
+    outputs, rep = model(X, return_rep=True)
+    build_weighting("mgda_ub", ["a", "b"]).backward({t: outputs[t].sum() for t in ("a", "b")}, rep=rep)
+    assert [model.heads[t].backward_passes for t in ("a", "b")] == [1, 1]
+    assert model.heads["a"].scale.grad is not None and model.encoder.first.weight.grad is not None
+
+
+def test_walk_to_boundary_finds_the_heads_and_the_maps_they_read():
+    model = nested_model(ScaledReads)
+    outputs, rep = model(X, return_rep=True)
+    losses = [outputs["a"].sum(), outputs["b"].sum()]
+    extra = torch.zeros(1, 2, requires_grad=True)  # a map returned but read by no head
+    leaves, reached = walk_to_boundary(losses, [rep[0], extra, rep[1]])
+    assert {id(p) for p in leaves} == {id(model.heads["a"].scale), id(model.heads["b"].scale)}
+    assert [id(z) for z in reached] == [id(rep[0]), id(rep[1])]
+    # without a boundary every leaf is reached, the encoder's weights included
+    leaves, _ = walk_to_boundary(losses, [])
+    assert len(leaves) == 4

@@ -187,7 +187,14 @@ def test_return_rep_gives_the_shared_representation(model):
     assert grad.shape == z.shape and grad.abs().sum() > 0
 
 
-def test_unknown_task_is_a_config_error(model):
+def test_return_rep_keeps_the_precision_of_a_full_precision_model(model):
+    # low-precision representations reach the heads as float32 copies; float64 stays float64
+    out, z = model.double()(torch.randn(2, 1, 28, 28, dtype=torch.float64), return_rep=True)
+    assert z.dtype == torch.float64 and out["left"].dtype == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, z = model.float()(torch.randn(2, 1, 28, 28), return_rep=True)
+    assert z.dtype == torch.float32
+
     with pytest.raises(ConfigError, match=r"unknown task\(s\) \['middle'\]") as err:
         model(torch.randn(1, 1, 28, 28), tasks=["left", "middle"])
     assert "['left', 'right']" in str(err.value)

@@ -47,6 +47,17 @@ class Weighting(nn.Module):
         else:
             loss.backward()
 
+    def apply_gradients(self, tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Back-propagate ``grads`` from ``tensors`` in one backward pass.
+
+        Leaves (parameters) receive their gradient as it is; an inner tensor (the shared
+        representation) passes its gradient on through the graph below it. One pass
+        through ``run_backward`` keeps DDP's gradient averaging and Accelerate's
+        gradient-accumulation scaling, which setting ``.grad`` by hand would bypass.
+        """
+        surrogate = sum((x * g.detach().to(x.dtype)).sum() for x, g in zip(tensors, grads))
+        self.run_backward(surrogate)
+
     @property
     def num_processes(self) -> int:
         return self.accelerator.num_processes if self.accelerator is not None else 1
@@ -61,6 +72,13 @@ class Weighting(nn.Module):
         if self.num_processes == 1:
             return tensor
         return self.accelerator.reduce(tensor.contiguous(), reduction="sum")
+
+    def all_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's rows (dim 0) concatenated; shorter blocks are padded with zero rows."""
+        if self.num_processes == 1:
+            return tensor
+        padded = self.accelerator.pad_across_processes(tensor.contiguous(), dim=0)
+        return self.accelerator.gather(padded)
 
     def refuse_fp16(self) -> None:
         """For methods built on ``autograd.grad``, which bypasses fp16's loss scaler."""
@@ -89,10 +107,14 @@ class Weighting(nn.Module):
                  rep: torch.Tensor | None = None) -> dict[str, float]:
         raise NotImplementedError
 
+    def ordered(self, losses: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The losses in ``task_names`` order."""
+        self.check_losses(losses)
+        return [losses[t] for t in self.task_names]
+
     def stacked(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """The losses as one vector, in ``task_names`` order."""
-        self.check_losses(losses)
-        return torch.stack([losses[t] for t in self.task_names])
+        return torch.stack(self.ordered(losses))
 
     def as_dict(self, weights: torch.Tensor) -> dict[str, float]:
         return dict(zip(self.task_names, weights.detach().float().cpu().tolist()))

@@ -2,40 +2,72 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
-def per_task_gradients(losses: torch.Tensor, inputs: list[torch.Tensor], batched: bool = True) -> list[torch.Tensor]:
-    """Gradients of each ``losses[t]`` w.r.t. each input: one tensor ``(T, *input.shape)`` per input.
+def per_task_gradients(losses: Sequence[torch.Tensor], inputs: list, batched: bool = True) -> list[torch.Tensor]:
+    """Gradients of each scalar loss w.r.t. each input: one tensor ``(T, *input.shape)`` per input.
+
+    ``losses`` are the tasks' own scalar losses, not slices of a stacked vector: a
+    backward pass from ``stacked[t]`` would run every other task's head on zero
+    gradients, while one from ``losses[t]`` visits task t's head only.
 
     ``batched=True`` back-propagates the T unit vectors together
     (``autograd.grad(..., is_grads_batched=True)``, vmap over the backward pass).
     Operations without a batching rule (on the CPU: convolution, batch-norm and
     max-pool backward) then run once per task inside that call, so the gain over
-    the per-task loop is per-operation overhead only (about 1.2x for ResNet-18 at
-    T = 40, ``benchmarks/results/weighting.md``). A call that fails outright falls
-    back to one backward per task. The graph is kept for the caller's later
-    backward pass. Inputs a task does not reach get zeros.
+    the per-task loop is per-operation overhead only (about 1.1x for ResNet-18 at
+    T = 40, ``benchmarks/results/weighting.md``), and every head sees all T
+    cotangents. A call that fails outright falls back to one backward per task.
+    The graph is kept for the caller's later backward pass. Inputs (tensors or
+    ``GradientEdge``s) that a task does not reach get zeros.
     """
-    T = losses.shape[0]
+    return split_gradients(losses, inputs, [], batched)[0]
+
+
+def split_gradients(losses: Sequence[torch.Tensor], per_task: list, summed: list[torch.Tensor],
+                    batched: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-task gradients w.r.t. ``per_task`` inputs and, from the same backward passes, ``sum_t grad L_t``
+    w.r.t. ``summed`` inputs (the heads' parameters, which need no per-task split)."""
+    losses = list(losses)
+    T = len(losses)
+    inputs = list(per_task) + list(summed)
+    n = len(per_task)
     if batched and T > 1:
-        eye = torch.eye(T, dtype=losses.dtype, device=losses.device)
+        stacked = torch.stack(losses)
+        eye = torch.eye(T, dtype=stacked.dtype, device=stacked.device)
         try:
-            grads = torch.autograd.grad(losses, inputs, grad_outputs=eye, retain_graph=True,
+            grads = torch.autograd.grad(stacked, inputs, grad_outputs=eye, retain_graph=True,
                                         allow_unused=True, is_grads_batched=True)
-            return [_zeros_if_none(g, x, T) for g, x in zip(grads, inputs)]
+            grads = [_zeros_if_none(g, x, T) for g, x in zip(grads, inputs)]
+            return grads[:n], [g.sum(0) for g in grads[n:]]
         except RuntimeError:
             pass
-    per_task = [torch.autograd.grad(losses[t], inputs, retain_graph=True, allow_unused=True) for t in range(T)]
-    return [torch.stack([_zeros_if_none(per_task[t][i], x, None) for t in range(T)])
-            for i, x in enumerate(inputs)]
+    columns: list[list] = [[] for _ in per_task]
+    totals: list = [None] * len(summed)
+    for loss in losses:
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        for column, g in zip(columns, grads[:n]):
+            column.append(g)
+        totals = [g if total is None else total if g is None else total + g for total, g in zip(totals, grads[n:])]
+    return ([torch.stack(_zeros_for_none(column, x)) for column, x in zip(columns, per_task)],
+            [torch.zeros_like(x) if g is None else g for g, x in zip(totals, summed)])
 
 
 def _zeros_if_none(grad, like, T):
     if grad is not None:
         return grad
-    shape = like.shape if T is None else (T, *like.shape)
-    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+    return torch.zeros((T, *like.shape), dtype=like.dtype, device=like.device)
+
+
+def _zeros_for_none(grads: list, like) -> list[torch.Tensor]:
+    """One task's missing gradient is zeros shaped like another task's (``like`` may be a GradientEdge)."""
+    model = next((g for g in grads if g is not None), like)
+    if not isinstance(model, torch.Tensor):
+        raise ValueError("no task reaches this gradient edge; pass only inputs that some loss reaches.")
+    return [torch.zeros_like(model) if g is None else g for g in grads]
 
 
 def flat_matrix(grads: list[torch.Tensor]) -> torch.Tensor:

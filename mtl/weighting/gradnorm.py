@@ -10,11 +10,15 @@ a common scale set by each task's relative inverse training rate:
 Each step: the network gets the gradient of sum_t w_t L_t; the weights get
 grad_w L_grad from their own optimizer; then the weights are renormalised to sum
 to T (section 3.2). Since G_t = w_t ||grad_W L_t|| exactly, only the T gradient
-norms of the unweighted losses at W are needed, not a second-order graph.
+norms of the unweighted losses at W are needed, not a second-order graph. When W
+belongs to a linear or convolution layer they come from the layer's input and the T
+gradients at its output (``layer_gradients.py``), which costs a fraction of T
+backward passes to W; otherwise from the per-task gradients at W.
 
-On several processes the per-task gradients at W and the losses are averaged
-across processes before the norms are taken, so every process computes the
-global-batch quantities and the same weight update.
+On several processes the norms are those of the global batch's gradients: the
+layer's inputs and output gradients (or the per-task gradients at W) of every
+process are combined before the norms are taken, so every process computes the
+same weight update.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ from torch import nn
 from ..errors import ConfigError
 from .base import Weighting
 from .gradients import per_task_gradients
+from .layer_gradients import find_layer, weight_gradient_norms
 
 
 class GradNormWeighting(Weighting):
     needs_shared_params = True
     own_optimizer = True
 
-    def __init__(self, task_names, alpha: float = 1.5, lr: float = 0.025, batched: bool = True):
+    def __init__(self, task_names, alpha: float = 1.5, lr: float = 0.025, batched: bool = False):
         super().__init__(task_names)
         if alpha < 0:
             raise ConfigError(f"GradNorm's asymmetry alpha must be >= 0, got {alpha} (the paper uses 0.12 to 3).")
@@ -71,11 +76,21 @@ class GradNormWeighting(Weighting):
             )
         return weights[-1]
 
+    def gradient_norms(self, losses: list[torch.Tensor], W: nn.Parameter) -> torch.Tensor:
+        """``||grad_W L_t||`` for each task, of the global batch's mean loss."""
+        layer = find_layer(losses, W)
+        if layer is None:
+            grads = per_task_gradients(losses, [W], batched=self.batched)[0].flatten(1)  # (T, |W|), a view: no copy
+            return self.all_mean(grads.detach().float()).norm(dim=1)
+        inputs = self.all_rows(layer.inputs.detach())
+        output_grads = layer.output_gradients(losses, self.batched).detach()  # (T, N, D_out)
+        output_grads = self.all_rows(output_grads.transpose(0, 1)).transpose(0, 1)  # rows of every process
+        # each process's loss is a mean over its share of the batch: the global one is their mean
+        return weight_gradient_norms(inputs, output_grads) / self.num_processes
+
     def backward(self, losses, shared_params=None, rep=None):
         L = self.stacked(losses)
-        W = self.last_shared_weight(shared_params)
-        grads = per_task_gradients(L, [W], batched=self.batched)[0].flatten(1)  # (T, |W|), a view: no copy
-        norms = self.all_mean(grads.detach().float()).norm(dim=1)  # ||grad_W L_t|| of the global batch
+        norms = self.gradient_norms(self.ordered(losses), self.last_shared_weight(shared_params))
         global_losses = self.all_mean(L.detach().float())
         if torch.isnan(self.initial_losses).any():
             self.initial_losses.copy_(global_losses)
