@@ -10,10 +10,13 @@ import argparse
 import sys
 from typing import Callable
 
+from .architectures.patches import PATCH_TYPES
 from .config import NONFINITE_POLICIES, OPTIMIZERS, PRECISIONS, SCHEDULERS, TrainerConfig
 from .errors import ConfigError, MultisupError
 from .weighting import WEIGHTINGS
 from .weighting.min_norm import NORMALIZATIONS
+
+ARCHITECTURES = ("shared", "cross_stitch", "patches")
 
 
 def add_weighting_arguments(p: argparse.ArgumentParser, example_weights: str) -> None:
@@ -25,6 +28,41 @@ def add_weighting_arguments(p: argparse.ArgumentParser, example_weights: str) ->
                    help="gradient normalisation inside the MGDA solver (default: loss+, as Sener & Koltun)")
     g.add_argument("--gradnorm-alpha", type=float, default=1.5, help="GradNorm asymmetry alpha (default: 1.5)")
     g.add_argument("--gradnorm-lr", type=float, default=0.025, help="learning rate of GradNorm's weights")
+
+
+def add_architecture_arguments(g, encoder_hint: str) -> None:
+    """``--architecture`` and its options, in the script's model group; ``encoder_hint`` ends --patch-type's help."""
+    g.add_argument("--architecture", default="shared", choices=ARCHITECTURES,
+                   help="shared encoder + heads, cross-stitch columns, or per-task model patches (default: shared)")
+    g.add_argument("--cross-stitch-lr-scale", type=float, default=10.0,
+                   help="learning-rate multiplier of the cross-stitch units (default 10 suits Adam; the paper's "
+                        "1000 was for SGD)")
+    g.add_argument("--patch-type", default="scale_bias", choices=PATCH_TYPES,
+                   help=f"model patches: per-task normalisation layers, depthwise convolutions, or both; {encoder_hint}")
+
+
+def check_architecture(weighting: str, architecture: str) -> None:
+    if weighting == "mgda_ub" and architecture != "shared":
+        raise ConfigError(
+            f"mgda_ub needs one shared representation, and the {architecture} architecture has one per "
+            "task; use --weighting mgda with it, or --architecture shared."
+        )
+
+
+def build_architecture_encoder(args: argparse.Namespace, architecture: str, tasks: list[str], dense: bool = False,
+                               **encoder_options):
+    """The encoder of ``architecture`` (``args.encoder`` per column or under the patches); ``dense``: feature maps."""
+    from .architectures import build_cross_stitch_encoder, build_patched_encoder
+    from .encoders import build_encoder
+
+    if architecture == "shared" or len(tasks) == 1:
+        return build_encoder(args.encoder, **encoder_options)
+    if architecture == "cross_stitch":
+        return build_cross_stitch_encoder(args.encoder, tasks, unit_lr_scale=args.cross_stitch_lr_scale,
+                                          **encoder_options)
+    if dense:
+        encoder_options["pooled"] = False
+    return build_patched_encoder(args.encoder, tasks, patch=args.patch_type, **encoder_options)
 
 
 def add_optimisation_arguments(p: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float,
@@ -102,6 +140,40 @@ def trainer_config(args: argparse.Namespace, seed: int | None = None) -> Trainer
         progress=not args.no_progress, tensorboard=not args.no_tensorboard, cpu=args.cpu,
         num_workers=args.num_workers,
     )
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value) of a result over seeds."""
+    import statistics
+
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def mean_std_cell(values: list[float] | None) -> str:
+    """A table cell: ``mean ± std`` over seeds, the value alone for one seed, ``-`` for none."""
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {std:.2f}"
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"cannot read --seeds '{text}'; write integers separated by commas, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds needs distinct integers, got '{text}'")
+    return seeds
+
+
+def script_main(parse_args: Callable, run: Callable, argv=None) -> int:
+    """A script's ``main``: parse the options, set up logging, run; user mistakes exit with status 2."""
+    import logging
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return exit_on_user_error(lambda: run(args))
 
 
 def exit_on_user_error(run: Callable[[], int]) -> int:

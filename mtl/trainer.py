@@ -1,11 +1,11 @@
 """The one training loop, on ``accelerate.Accelerator``.
 
 A ``Trainer`` owns the accelerator, optimizer, schedule, data loaders, history and
-checkpoints. What a step computes comes from ``compute_losses(batch)`` (named
-losses, plus the shared representation when the weighting asks for it); how those
-losses become a gradient comes from the ``Weighting``. Subclasses override
-``compute_losses`` (or ``train_step`` for methods that alternate optimizers)
-instead of writing another loop.
+checkpoints. What a step computes comes from its ``Objective`` (named losses, plus
+the shared representation when the weighting asks for it; by default one loss per
+task, ``TaskLosses``); how those losses become a gradient comes from the
+``Weighting``. The ``tasks`` are what evaluation measures. Subclasses override
+``train_step`` for methods that alternate optimizers instead of writing another loop.
 
 Exact resume: the data order depends only on (seed, epoch), and a checkpoint holds
 the model, weighting, optimizer, schedule, RNG states, loss accumulators of the
@@ -29,6 +29,7 @@ from .config import RESUMABLE_CHANGES, TrainerConfig
 from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from .io import ensure_writable_dir, write_json
 from .model import MultiTaskModel
+from .objective import Objective, TaskLosses
 from .optim import build_optimizer, build_scheduler
 from .sampling import EpochShuffleSampler
 from .tasks import Task
@@ -47,12 +48,13 @@ class Progress:
 class Trainer:
     def __init__(self, model: MultiTaskModel, tasks: list[Task], weighting: Weighting,
                  train_data: Dataset, eval_data: Dataset | None, config: TrainerConfig, run_dir,
-                 run_config: dict | None = None, overwrite: bool = False):
+                 run_config: dict | None = None, overwrite: bool = False, objective: Objective | None = None):
         config.validate()
         if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
             raise ConfigError("fp16 mixed precision needs a CUDA GPU; on the CPU use mixed_precision='bf16' or 'no'.")
         self.config, self.tasks, self.run_config = config, list(tasks), dict(run_config or {})
-        self._check_tasks(model, weighting)
+        self.objective = objective if objective is not None else TaskLosses(self.tasks)
+        self._check_tasks(model, weighting, own_objective=objective is not None)
         self._check_data(train_data, eval_data)
         self.run_dir = Path(run_dir)
         existing = ckpt.checkpoint_path(self.run_dir)
@@ -88,30 +90,43 @@ class Trainer:
                                      generator=torch.Generator().manual_seed(config.seed))
         self.weighting = weighting.to(self.accelerator.device)
         self.weighting.bind(self.accelerator)
+        self.objective.to(self.accelerator.device)
         self.shared_params = list(model.shared_parameters())
         groups = model.parameter_groups()
         if not weighting.own_optimizer and list(weighting.parameters()):
             groups.append({"params": list(weighting.parameters()), "lr_scale": 1.0})
+        if list(self.objective.parameters()):
+            groups.append({"params": list(self.objective.parameters()), "lr_scale": 1.0})
         optimizer = build_optimizer(groups, config)
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, optimizer, train_loader)
         self.eval_loader = self.accelerator.prepare(eval_loader) if eval_loader is not None else None
         # Per-epoch schedule, deliberately not prepared: Accelerate would step it once per process.
         self.scheduler = build_scheduler(optimizer, config)
+        self._base_lrs = [g["lr"] for g in optimizer.param_groups]
+        if self.objective.lr_factor(0.0) is not None and self.scheduler is not None:
+            raise ConfigError(f"{type(self.objective).__name__} anneals the learning rate itself; use scheduler='none' "
+                              f"(got '{config.scheduler}').")
 
         self.progress = Progress()
-        self.history: dict = {"tasks": [t.name for t in self.tasks], "epochs": [], "steps": [], "skipped_steps": 0}
+        self.history: dict = {"tasks": [t.name for t in self.tasks], "losses": list(self.objective.loss_names),
+                              "epochs": [], "steps": [], "skipped_steps": 0}
         self._epoch_sums = self._zero_sums()
         self.last_checkpoint: Path | None = None
 
     # ----- set-up checks -------------------------------------------------------------------
-    def _check_tasks(self, model, weighting):
+    def _check_tasks(self, model, weighting, own_objective: bool):
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"task names must be unique, got {names}.")
-        if sorted(names) != sorted(model.task_names):
+        if not own_objective and sorted(names) != sorted(model.task_names):
             raise ConfigError(f"tasks {names} do not match the model's heads {model.task_names}; give one head per task.")
-        if sorted(weighting.task_names) != sorted(names):
-            raise ConfigError(f"the weighting was built for tasks {weighting.task_names}, the model has {names}.")
+        missing = [t for t in names if t not in model.task_names]
+        if missing:
+            raise ConfigError(f"evaluated task(s) {missing} have no head in the model (heads: {model.task_names}).")
+        losses = list(self.objective.loss_names)
+        if sorted(weighting.task_names) != sorted(losses):
+            what = "tasks" if not own_objective else f"{type(self.objective).__name__}'s losses"
+            raise ConfigError(f"the weighting was built for {weighting.task_names}, the {what} are {losses}.")
 
     def _check_data(self, train_data, eval_data):
         if len(train_data) == 0:
@@ -127,9 +142,7 @@ class Trainer:
     # ----- the step ------------------------------------------------------------------------
     def compute_losses(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Named losses for one batch, and the shared representation when the weighting needs it."""
-        inputs, targets = batch
-        outputs, rep = self.model(inputs, return_rep=True)
-        losses = {t.name: t.loss(outputs[t.name], t.target(targets)) for t in self.tasks}
+        losses, rep = self.objective.losses(self.model, batch)
         return losses, (rep if self.weighting.needs_rep else None)
 
     def train_step(self, batch) -> tuple[dict[str, float], dict[str, float]] | None:
@@ -159,11 +172,25 @@ class Trainer:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def _sync_weighting_grads(self):
-        # The weighting is not wrapped by DDP, so its learned weights' gradients are averaged here.
-        if self.accelerator.num_processes > 1 and not self.weighting.own_optimizer:
-            for p in self.weighting.parameters():
-                if p.grad is not None:
-                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        # The weighting and the objective are not wrapped by DDP, so their parameters' gradients are averaged here.
+        if self.accelerator.num_processes == 1:
+            return
+        params = list(self.objective.parameters())
+        if not self.weighting.own_optimizer:
+            params += list(self.weighting.parameters())
+        for p in params:
+            if p.grad is not None:
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+
+    def _apply_schedule(self):
+        """Tell the objective how far the run is, and apply its learning-rate factor."""
+        total = self.config.epochs * len(self.train_loader)
+        progress = min(self.progress.step / max(total - 1, 1), 1.0)
+        self.objective.set_progress(progress)
+        factor = self.objective.lr_factor(progress)
+        if factor is not None:
+            for group, base in zip(self.optimizer.param_groups, self._base_lrs):
+                group["lr"] = base * factor
 
     # ----- the loop ------------------------------------------------------------------------
     def fit(self, resume=None) -> dict:
@@ -207,6 +234,7 @@ class Trainer:
                    desc=f"epoch {self.progress.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and acc.is_local_main_process))
         for batch in bar:
+            self._apply_schedule()
             result = self.train_step(batch)
             self.progress.batch += 1
             self.progress.step += 1
@@ -251,7 +279,7 @@ class Trainer:
             self.accelerator.log(_flatten({"loss": losses, "weight": weights}), step=self.progress.step)
 
     def _zero_sums(self) -> dict:
-        names = [t.name for t in self.tasks]
+        names = list(self.objective.loss_names)
         return {"count": 0, "loss": dict.fromkeys(names, 0.0), "weights": dict.fromkeys(names, 0.0)}
 
     # ----- evaluation ----------------------------------------------------------------------
@@ -283,6 +311,7 @@ class Trainer:
             "model": ckpt.shapes(model),
             "weighting": {"type": type(self.weighting).__name__, "tasks": self.weighting.task_names,
                           **ckpt.shapes(self.weighting)},
+            "objective": {"type": type(self.objective).__name__, **ckpt.shapes(self.objective)},
         }
 
     def save(self) -> Path:
@@ -301,6 +330,7 @@ class Trainer:
                 "fingerprint": self.fingerprint(),
                 "model": acc.unwrap_model(self.model).state_dict(),
                 "weighting": self.weighting.state_dict(),
+                "objective": self.objective.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": scaler.state_dict() if scaler is not None else None,
@@ -320,6 +350,7 @@ class Trainer:
         try:
             self.accelerator.unwrap_model(self.model).load_state_dict(data["model"])
             self.weighting.load_state_dict(data["weighting"])
+            self.objective.load_state_dict(data["objective"])
             self.optimizer.load_state_dict(data["optimizer"])
             if self.scheduler is not None:
                 self.scheduler.load_state_dict(data["scheduler"])

@@ -14,7 +14,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 import torch  # noqa: E402
 
 from mtl.cli import (add_optimisation_arguments, add_output_arguments, add_weighting_arguments,  # noqa: E402
-                     check_common, exit_on_user_error, trainer_config, weighting_options, write_results)
+                     check_common, script_main, trainer_config, weighting_options, write_results)
 from mtl.data.celeba import CelebA  # noqa: E402
 from mtl.data.synthetic import write_celeba  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
@@ -60,9 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return exit_on_user_error(lambda: run(args))
+    return script_main(parse_args, run, argv)
 
 
 def run(args) -> int:

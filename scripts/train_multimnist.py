@@ -21,9 +21,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import logging
 import resource
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 
 import torch  # noqa: E402
 
-from mtl.architectures import PATCH_TYPES, build_cross_stitch_encoder, build_patched_encoder, parameter_report  # noqa: E402
-from mtl.cli import (add_optimisation_arguments, add_output_arguments, add_weighting_arguments,  # noqa: E402
-                     check_common, exit_on_user_error, trainer_config, weighting_options, write_results)
+from mtl.architectures import parameter_report  # noqa: E402
+from mtl.cli import (ARCHITECTURES, add_architecture_arguments, add_optimisation_arguments,  # noqa: E402
+                     add_output_arguments, add_weighting_arguments, build_architecture_encoder, check_architecture,
+                     check_common, script_main, mean_std, mean_std_cell, parse_seeds, trainer_config,
+                     weighting_options, write_results)
 from mtl.data.multimnist import TASKS, MultiMNIST  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
 from mtl.errors import ConfigError  # noqa: E402
@@ -47,7 +47,6 @@ from mtl.trainer import Trainer  # noqa: E402
 from mtl.weighting import WEIGHTINGS, build_weighting  # noqa: E402
 
 PUBLISHED = "Sener & Koltun 2018 (60k pairs, full MNIST): single task 97.23 / 95.90, uniform 96.46 / 94.99"
-ARCHITECTURES = ("shared", "cross_stitch", "patches")
 #: methods of --compare: a weighting name, or an architecture trained with equal weighting
 COMPARE_DEFAULT = "equal,uncertainty,gradnorm,mgda,mgda_ub,cross_stitch"
 
@@ -56,13 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_weighting_arguments(p, example_weights="left=1.0,right=0.5")
     g = p.add_argument_group("model and method")
-    g.add_argument("--architecture", default="shared", choices=ARCHITECTURES,
-                   help="shared encoder + heads, cross-stitch columns, or per-task model patches")
-    g.add_argument("--cross-stitch-lr-scale", type=float, default=10.0,
-                   help="learning-rate multiplier of the cross-stitch units (default 10 suits Adam; the paper's "
-                        "1000 was for SGD)")
-    g.add_argument("--patch-type", default="scale_bias", choices=PATCH_TYPES,
-                   help="model patches: per-task normalisation layers, depthwise convolutions, or both")
+    add_architecture_arguments(g, "patches need an encoder with BatchNorm, e.g. --encoder resnet18")
     g.add_argument("--encoder", default="multilenet",
                    help="encoder name (default: multilenet; patches need one with BatchNorm, e.g. resnet18)")
     g.add_argument("--single-task-baselines", action="store_true",
@@ -107,31 +100,8 @@ def parse_methods(text: str) -> list[Method]:
     return methods
 
 
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"cannot read --seeds '{text}'; write integers separated by commas, e.g. 0,1,2") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds needs distinct integers, got '{text}'")
-    return seeds
-
-
-def check_method(method: Method) -> None:
-    if method.weighting == "mgda_ub" and method.architecture != "shared":
-        raise ConfigError(
-            f"mgda_ub needs one shared representation, and the {method.architecture} architecture has one per "
-            "task; use --weighting mgda with it, or --architecture shared."
-        )
-
-
 def build_model(args, tasks: list[str], architecture: str) -> MultiTaskModel:
-    if architecture == "shared" or len(tasks) == 1:
-        encoder = build_encoder(args.encoder, in_channels=1)
-    elif architecture == "cross_stitch":
-        encoder = build_cross_stitch_encoder(args.encoder, tasks, in_channels=1, unit_lr_scale=args.cross_stitch_lr_scale)
-    else:
-        encoder = build_patched_encoder(args.encoder, tasks, patch=args.patch_type, in_channels=1)
+    encoder = build_architecture_encoder(args, architecture, tasks, in_channels=1)
     # One MultiLeNet task branch per task: features -> 50 -> ReLU -> dropout -> 10 (Sener & Koltun).
     heads = {t: ClassificationHead(encoder.out_features, 10, hidden=50, dropout=0.5) for t in tasks}
     return MultiTaskModel(encoder, heads)
@@ -175,7 +145,7 @@ Rows = list[tuple[str, dict[str, list[float]]]]  # (label, {task: accuracy of ea
 def run_single(args, data, out: Path) -> Rows:
     method = Method(f"multi-task ({args.weighting}" + (f", {args.architecture})" if args.architecture != "shared" else ")"),
                     args.weighting, args.architecture)
-    check_method(method)
+    check_architecture(method.weighting, method.architecture)
     history = train_one(args, list(TASKS), method, args.seed, out, data, args.resume)
     rows = [(method.label, {t: [final_accuracy(history, t)] for t in TASKS})]
     if args.single_task_baselines:
@@ -191,7 +161,7 @@ def run_single(args, data, out: Path) -> Rows:
 def run_compare(args, data, out: Path) -> Rows:
     methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
     for method in methods:
-        check_method(method)
+        check_architecture(method.weighting, method.architecture)
     accuracy: dict[str, dict[str, list[float]]] = {}
     weight_histories = {}
     for seed in seeds:
@@ -211,17 +181,6 @@ def run_compare(args, data, out: Path) -> Rows:
     return list(accuracy.items())
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def cell(values: list[float] | None) -> str:
-    if not values:
-        return "-"
-    mean, std = mean_std(values)
-    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {std:.2f}"
-
-
 def results_table(args, rows: Rows) -> str:
     runs = (f"mean ± std over seeds {args.seeds}" if args.compare else f"seed {args.seed}")
     lines = [
@@ -233,15 +192,13 @@ def results_table(args, rows: Rows) -> str:
         "|---|" + "---:|" * len(TASKS),
     ]
     for name, acc in rows:
-        lines.append(f"| {name} | " + " | ".join(cell(acc.get(t)) for t in TASKS) + " |")
+        lines.append(f"| {name} | " + " | ".join(mean_std_cell(acc.get(t)) for t in TASKS) + " |")
     lines += ["", f"Published, for scale: {PUBLISHED}."]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return exit_on_user_error(lambda: run(args))
+    return script_main(parse_args, run, argv)
 
 
 def run(args) -> int:

@@ -13,6 +13,7 @@ Examples:
   python scripts/train_nyuv2.py --smoke                 # a minute on a CPU, generated data of the real shapes
   accelerate launch scripts/train_nyuv2.py --data-root ROOT --weighting mgda_ub --mixed-precision bf16
   accelerate launch scripts/train_nyuv2.py --data-root ROOT --tasks depth --out runs/stl-depth
+  accelerate launch scripts/train_nyuv2.py --data-root ROOT --architecture cross_stitch --weighting mgda
   python scripts/train_nyuv2.py --data-root ROOT --out runs/ew --baseline runs/stl-seg/metrics.json,\\
       runs/stl-depth/metrics.json,runs/stl-normal/metrics.json --delta-m all_metrics
 """
@@ -20,7 +21,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 
 import torch  # noqa: E402
 
-from mtl.cli import (add_optimisation_arguments, add_output_arguments, add_weighting_arguments,  # noqa: E402
-                     check_common, exit_on_user_error, trainer_config, weighting_options, write_results)
+from mtl.cli import (add_architecture_arguments, add_optimisation_arguments, add_output_arguments,  # noqa: E402
+                     add_weighting_arguments, build_architecture_encoder, check_architecture, check_common,
+                     script_main, trainer_config, weighting_options, write_results)
 from mtl.data.nyuv2 import NYUv2  # noqa: E402
 from mtl.data.synthetic import write_nyuv2  # noqa: E402
 from mtl.delta_m import VARIANTS, Baseline, load_baseline, report_delta_m  # noqa: E402
-from mtl.encoders import build_encoder  # noqa: E402
 from mtl.errors import ConfigError  # noqa: E402
 from mtl.heads import DECODER_STRIDES, DenseHead, check_dense_head  # noqa: E402
 from mtl.model import MultiTaskModel  # noqa: E402
@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--decoders", default="deeplabv3plus",
                    help="one decoder for all tasks, or TASK=DECODER,... (" + ", ".join(DECODER_STRIDES) + ")")
     g.add_argument("--decoder-channels", type=int, default=None, help="(default: 256; smoke: 32)")
+    add_architecture_arguments(g, "smp ResNet encoders have BatchNorm layers (scale_bias); cross-stitch columns "
+                                  "need an smp ResNet-family encoder")
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=None, help="NYUv2 in the mtan/LibMTL .npy layout")
     g.add_argument("--augment", action="store_true", help="random scale-crop {1, 1.2, 1.5} and horizontal flip")
@@ -114,7 +116,8 @@ def build_model(args, tasks: list[str], decoders: dict[str, str]) -> MultiTaskMo
     if not args.encoder.startswith("smp:"):
         raise ConfigError(f"dense decoders sit on segmentation-models-pytorch encoders: use smp:<name>, "
                           f"not '{args.encoder}' (e.g. smp:resnet50)")
-    encoder = build_encoder(args.encoder, pretrained=args.pretrained, output_stride=args.output_stride)
+    encoder = build_architecture_encoder(args, args.architecture, tasks, dense=True, pretrained=args.pretrained,
+                                         output_stride=args.output_stride)
     kinds = {"segmentation": "segmentation", "depth": "depth", "normal": "normal"}
     heads = {t: DenseHead(encoder.out_channels, OUT_CHANNELS[t], decoders[t], args.output_stride, kinds[t],
                           args.decoder_channels) for t in tasks}
@@ -144,14 +147,13 @@ def results_table(metrics: dict, label: str) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return exit_on_user_error(lambda: run(args))
+    return script_main(parse_args, run, argv)
 
 
 def run(args) -> int:
     tasks = parse_tasks(args.tasks)
     decoders = parse_decoders(args.decoders, tasks, args.output_stride)
+    check_architecture(args.weighting, args.architecture if len(tasks) > 1 else "shared")
     options = weighting_options(args, args.weighting)
     baseline = load_baselines(args.baseline)
     if args.smoke:
@@ -171,6 +173,7 @@ def train(args, tasks, decoders, options, baseline, root: Path) -> int:
     weighting = build_weighting(args.weighting, task_objs, **options)
     run_config = {"tasks": tasks, "encoder": args.encoder, "pretrained": args.pretrained,
                   "output_stride": args.output_stride, "decoders": decoders, "decoder_channels": args.decoder_channels,
+                  "architecture": args.architecture if len(tasks) > 1 else "shared",
                   "weighting": args.weighting, "weighting_options": options, "augment": args.augment,
                   "smoke": args.smoke}
     out = Path(args.out)
@@ -180,7 +183,8 @@ def train(args, tasks, decoders, options, baseline, root: Path) -> int:
     if not trainer.accelerator.is_main_process:
         return 0
     metrics = history["epochs"][-1]["eval"]
-    label = f"{args.weighting}" + (" (smoke, generated data)" if args.smoke else "")
+    label = args.weighting + (f", {args.architecture}" if args.architecture != "shared" and len(tasks) > 1 else "")
+    label += " (smoke, generated data)" if args.smoke else ""
     table = results_table(metrics, label)
     if baseline is not None:
         table += "\n\n" + report_delta_m(metrics, baseline, task_objs, args.delta_m)

@@ -144,7 +144,29 @@ def test_columns_with_different_stage_shapes_are_refused():
     with pytest.raises(ConfigError, match="input_shape"):
         CrossStitchEncoder(lambda: [nn.Linear(3, 3)], tasks=["a", "b"])
     with pytest.raises(ConfigError, match="knows 'multilenet'"):
-        build_cross_stitch_encoder("smp:resnet18", tasks=["a", "b"])
+        build_cross_stitch_encoder("vgg16", tasks=["a", "b"])
+    with pytest.raises(ConfigError, match="cannot cut a SmpEncoder"):
+        build_cross_stitch_encoder("smp:mobilenet_v2", tasks=["a", "b"])
+    with pytest.raises(ConfigError, match="output_stride is an option of smp encoders"):
+        build_cross_stitch_encoder("resnet18", tasks=["a", "b"], output_stride=16)
+
+
+def test_dense_cross_stitch_columns_return_the_encoders_feature_pyramid():
+    """With identity units each column computes exactly what the smp encoder it was cut from computes."""
+    torch.manual_seed(0)
+    encoder = build_cross_stitch_encoder("smp:resnet18", ["a", "b"], output_stride=16, self_weight=1.0,
+                                         other_weight=0.0).eval()
+    plain = build_encoder("smp:resnet18", output_stride=16).eval()
+    stem, layer1, layer2, layer3, layer4 = encoder.columns["a"]
+    for name, module in [("conv1", stem.conv1), ("bn1", stem.bn1), ("layer1", layer1.layer1), ("layer2", layer2),
+                         ("layer3", layer3), ("layer4", layer4)]:
+        getattr(plain.encoder, name).load_state_dict(module.state_dict())
+    x = torch.randn(2, 3, 48, 64)
+    expected = plain(x)
+    got = encoder(x, ["a"])["a"]
+    assert encoder.out_channels == plain.out_channels and encoder.output_stride == 16
+    assert [f.shape for f in got] == [f.shape for f in expected]
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got, expected))
 
 
 def test_forward_runs_every_column_but_returns_only_the_asked_tasks():

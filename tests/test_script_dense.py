@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,8 +51,26 @@ def test_nyuv2_single_task_run_and_per_task_decoders(tmp_path):
     assert set(json.loads((out / "metrics.json").read_text())) == {"depth"}
 
 
+@pytest.mark.parametrize("architecture, weighting, marker", [
+    ("cross_stitch", "mgda", "encoder.units.0.alpha"),
+    ("patches", "gradnorm", "encoder.base.encoder.bn1.patches.depth.weight"),
+])
+def test_nyuv2_dense_architectures(tmp_path, capsys, architecture, weighting, marker):
+    import torch
+
+    out = tmp_path / architecture
+    assert nyuv2.main(["--smoke", "--out", str(out), "--architecture", architecture, "--weighting", weighting,
+                       *QUIET]) == 0
+    assert f"| {weighting}, {architecture} (smoke, generated data) |" in capsys.readouterr().out
+    assert set(json.loads((out / "metrics.json").read_text())) == {"segmentation", "depth", "normal"}
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert marker in state
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "segmentation,edges"], "unknown task(s) ['edges']"),
+    (["--architecture", "patches", "--weighting", "mgda_ub"], "mgda_ub needs one shared representation"),
+    (["--architecture", "cross_stitch", "--encoder", "smp:mobilenet_v2"], "cannot cut a SmpEncoder"),
     (["--decoders", "fpn"], "fpn decoder cannot sit on an encoder with output stride 16"),
     (["--decoders", "segmentation=unet"], "--decoders must name each trained task once"),
     (["--encoder", "resnet50"], "use smp:<name>"),
@@ -61,6 +81,22 @@ def test_nyuv2_bad_input(tmp_path, capsys, args, message):
     assert nyuv2.main(["--smoke", "--out", str(tmp_path / "run"), *QUIET, *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_nyuv2_smoke_under_accelerate_launch_in_bf16(tmp_path):
+    launcher = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(
+        [str(launcher), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16",
+         "--dynamo_backend", "no", str(ROOT / "scripts" / "train_nyuv2.py"), "--smoke", "--out",
+         str(tmp_path / "run"), "--weighting", "mgda_ub", "--mixed-precision", "bf16", *QUIET],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| mgda_ub (smoke, generated data) |" in result.stdout
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    weights = history["epochs"][-1]["weights"]  # the epoch's mean MGDA-UB weights: a point of the simplex
+    assert sum(weights.values()) == pytest.approx(1.0, abs=1e-5) and min(weights.values()) >= 0
 
 
 def test_nyuv2_baseline_missing_a_metric(tmp_path, capsys):

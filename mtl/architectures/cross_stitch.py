@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..encoders import TORCHVISION_RESNETS, MultiLeNetEncoder, TorchvisionResNet, build_encoder
+from ..encoders import TORCHVISION_RESNETS, MultiLeNetEncoder, SmpEncoder, TorchvisionResNet, build_encoder
 from ..errors import ConfigError
 
 #: Misra et al. (2016), Sec. 4.1 and Table 3: the alphas live in [0, 1], one to two orders of
@@ -102,7 +102,10 @@ class CrossStitchEncoder(nn.Module):
 
     ``stitch_last``: put a unit after the last stage too (the paper stitches after its
     fully connected layers as well); ``same_init``: start every column from the first
-    column's weights; ``stage_names``: names used in error messages.
+    column's weights; ``stage_names``: names used in error messages; ``return_stages``:
+    each column returns the list ``[input, output of stage 1, ..., output of stage N]``
+    (after the units), the feature pyramid that dense decoders read, instead of its last
+    output (``out_channels`` then lists the channels, as an smp encoder's does).
     """
 
     per_task = True
@@ -112,8 +115,10 @@ class CrossStitchEncoder(nn.Module):
                  channels: Sequence[int] | None = None, self_weight: float = DEFAULT_SELF_WEIGHT,
                  other_weight: float | None = None, unit_lr_scale: float | None = DEFAULT_UNIT_LR_SCALE,
                  per_channel: bool = True, stitch_last: bool = True, same_init: bool = False,
-                 stage_names: Sequence[str] | None = None, out_features: int | None = None):
+                 stage_names: Sequence[str] | None = None, out_features: int | None = None,
+                 return_stages: bool = False):
         super().__init__()
+        self.return_stages = return_stages
         columns = _make_columns(columns, tasks)
         self.tasks = list(columns)
         depth = {t: len(stages) for t, stages in columns.items()}
@@ -158,18 +163,23 @@ class CrossStitchEncoder(nn.Module):
         )
         if out_features is None and shapes is not None and len(shapes[-1]) == 2:
             out_features = shapes[-1][1]
-        if out_features is not None:
+        if out_features is not None and not return_stages:
             self.out_features = int(out_features)
+        if return_stages and shapes is not None:
+            self.out_channels = [int(input_shape[0]), *(shape[1] for shape in shapes)]
 
     def forward(self, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         tasks = self._check_tasks(tasks)
         activations = [x] * len(self.tasks)
+        stages: list[list[torch.Tensor]] = [[x] for _ in self.tasks]  # per column, for return_stages
         for i in range(self.num_stages):
             activations = [self.columns[t][i](a) for t, a in zip(self.tasks, activations)]
             self._check_shapes(i, [a.shape for a in activations])
             if i < self.num_units:
                 activations = self.units[i](activations)
-        by_task = dict(zip(self.tasks, activations))
+            for column, a in zip(stages, activations):
+                column.append(a)
+        by_task = dict(zip(self.tasks, stages if self.return_stages else activations))
         return {t: by_task[t] for t in tasks}
 
     def alphas(self) -> list[torch.Tensor]:
@@ -292,6 +302,9 @@ def encoder_stages(encoder: nn.Module) -> tuple[list[nn.Module], list[str]]:
       compute exactly what the encoder computes.
     - ``TorchvisionResNet``: stem (conv1, bn1, relu, maxpool), layer1 .. layer4, pool
       (global average pool, flatten).
+    - ``SmpEncoder`` of the ResNet family (depth 5, not pooled): stem (conv1, bn1, relu),
+      layer1 (max-pool, layer1), layer2 .. layer4 — the stages whose outputs are the
+      encoder's feature maps, dilated as the encoder was built.
     """
     if isinstance(encoder, MultiLeNetEncoder):
         conv1 = nn.Sequential(OrderedDict(check=_InputSizeCheck((28, 28)), conv=encoder.conv1,
@@ -306,40 +319,75 @@ def encoder_stages(encoder: nn.Module) -> tuple[list[nn.Module], list[str]]:
         pool = nn.Sequential(OrderedDict(avgpool=net.avgpool, flatten=nn.Flatten()))
         stages = [stem, net.layer1, net.layer2, net.layer3, net.layer4, pool]
         return stages, ["stem", "layer1", "layer2", "layer3", "layer4", "pool"]
+    if isinstance(encoder, SmpEncoder) and _is_smp_resnet(encoder):
+        net = encoder.encoder
+        stem = nn.Sequential(OrderedDict(conv1=net.conv1, bn1=net.bn1, relu=net.relu))
+        layer1 = nn.Sequential(OrderedDict(maxpool=net.maxpool, layer1=net.layer1))
+        return [stem, layer1, net.layer2, net.layer3, net.layer4], ["stem", "layer1", "layer2", "layer3", "layer4"]
     raise ConfigError(
-        f"cannot cut a {type(encoder).__name__} into cross-stitch stages; supported: multilenet and "
-        f"{', '.join(TORCHVISION_RESNETS)}. For other networks build CrossStitchEncoder from "
-        "{task: [stage modules]} yourself."
+        f"cannot cut a {type(encoder).__name__} into cross-stitch stages; supported: multilenet, "
+        f"{', '.join(TORCHVISION_RESNETS)} and the ResNet family of segmentation-models-pytorch encoders "
+        "(smp:resnet18 .. smp:resnet152, smp:resnext50_32x4d, ...). For other networks build "
+        "CrossStitchEncoder from {task: [stage modules]} yourself."
     )
+
+
+def _is_smp_resnet(encoder: SmpEncoder) -> bool:
+    from segmentation_models_pytorch.encoders.resnet import ResNetEncoder
+
+    return isinstance(encoder.encoder, ResNetEncoder) and len(encoder.out_channels) == 6 and not encoder.pooled
 
 
 def build_cross_stitch_encoder(name: str, tasks: Iterable[str], in_channels: int | None = None,
                                pretrained: bool = False, same_init: bool = True,
-                               probe_size: int | None = None, **options) -> CrossStitchEncoder:
+                               probe_size: int | None = None, output_stride: int | None = None,
+                               **options) -> CrossStitchEncoder:
     """A cross-stitch encoder with one column of encoder ``name`` per task.
 
-    ``name``: ``multilenet`` (stages conv1, conv2, fc) or a torchvision ResNet
-    (``resnet18``/``34``/``50``: stem, layer1..layer4, pool). Each column returns what the
-    plain encoder returns (``out_features`` is the same), so heads are sized as usual.
-    ``same_init``: every column starts from the same weights, as the paper's columns all
-    start from one pretrained network. Other ``options`` go to ``CrossStitchEncoder``
-    (``self_weight``, ``other_weight``, ``unit_lr_scale``, ``per_channel``, ``stitch_last``).
+    ``name``: ``multilenet`` (stages conv1, conv2, fc), a torchvision ResNet
+    (``resnet18``/``34``/``50``: stem, layer1..layer4, pool), or an smp ResNet-family
+    encoder (``smp:resnet50``...: stem, layer1..layer4, at ``output_stride``), whose
+    columns return the feature pyramid for dense decoders. Each column returns what the
+    plain encoder returns (``out_features`` or ``out_channels`` are the same), so heads are
+    sized as usual. ``same_init``: every column starts from the same weights, as the
+    paper's columns all start from one pretrained network. Other ``options`` go to
+    ``CrossStitchEncoder`` (``self_weight``, ``other_weight``, ``unit_lr_scale``,
+    ``per_channel``, ``stitch_last``).
     """
     tasks = list(tasks)
-    if name != "multilenet" and name not in TORCHVISION_RESNETS:
+    dense = name.startswith("smp:")
+    if name != "multilenet" and name not in TORCHVISION_RESNETS and not dense:
         raise ConfigError(
-            f"build_cross_stitch_encoder knows 'multilenet' and {', '.join(TORCHVISION_RESNETS)}, got '{name}'. "
-            "For other networks build CrossStitchEncoder from {task: [stage modules]} yourself."
+            f"build_cross_stitch_encoder knows 'multilenet', {', '.join(TORCHVISION_RESNETS)} and smp:<ResNet-family "
+            f"encoder>, got '{name}'. For other networks build CrossStitchEncoder from {{task: [stage modules]}} "
+            "yourself."
         )
+    if output_stride is not None and not dense:
+        raise ConfigError(f"output_stride is an option of smp encoders, not of '{name}'.")
     if len(tasks) < 2:
         raise ConfigError(f"cross-stitch networks need at least 2 tasks, got {tasks}.")
-    base = build_encoder(name, in_channels=in_channels, pretrained=pretrained)
-    channels_in = base.conv1.in_channels if name == "multilenet" else base.net.conv1.in_channels
+    encoder_options = {"output_stride": output_stride} if output_stride is not None else {}
+
+    def build():
+        return build_encoder(name, in_channels=in_channels, pretrained=pretrained, **encoder_options)
+
+    base = build()
+    channels_in = _input_channels(base)
     side = probe_size or (28 if name == "multilenet" else 64)
     columns = {}
     for i, t in enumerate(tasks):
-        encoder = base if i == 0 else (copy.deepcopy(base) if same_init else
-                                        build_encoder(name, in_channels=in_channels, pretrained=pretrained))
+        encoder = base if i == 0 else (copy.deepcopy(base) if same_init else build())
         columns[t], names = encoder_stages(encoder)
-    return CrossStitchEncoder(columns, input_shape=(channels_in, side, side), stage_names=names,
-                              out_features=base.out_features, **options)
+    built = CrossStitchEncoder(columns, input_shape=(channels_in, side, side), stage_names=names,
+                               out_features=None if dense else base.out_features, return_stages=dense, **options)
+    if dense:
+        built.output_stride = base.output_stride
+    return built
+
+
+def _input_channels(encoder: nn.Module) -> int:
+    if isinstance(encoder, MultiLeNetEncoder):
+        return encoder.conv1.in_channels
+    if isinstance(encoder, SmpEncoder):
+        return encoder.out_channels[0]
+    return encoder.net.conv1.in_channels

@@ -141,7 +141,7 @@ class PatchedEncoder(nn.Module):
         self._layers = [m for m in base.modules() if isinstance(m, PerTaskLayer)]
         self._tasks = tasks
         self.frozen = False
-        for attr in ("out_features", "out_channels"):
+        for attr in ("out_features", "out_channels", "output_stride"):
             if hasattr(base, attr):
                 setattr(self, attr, getattr(base, attr))
         if transfer:
@@ -326,7 +326,9 @@ def build_patched_encoder(name: str, tasks: Iterable[str], patch: str = "both", 
 
     ``mobilenet_v2``: torchvision's, which has both BatchNorm layers and depthwise convs (any
     patch type); ``resnet18/34/50``: scale-and-bias only; ``smp:<name>``: a pooled
-    segmentation-models-pytorch encoder (e.g. ``smp:mobilenet_v2``, ``smp:efficientnet-b0``).
+    segmentation-models-pytorch encoder (e.g. ``smp:mobilenet_v2``, ``smp:efficientnet-b0``),
+    or with ``pooled=False`` its feature pyramid for dense decoders (``out_channels`` and
+    ``output_stride`` as the plain encoder's).
     """
     if name == "mobilenet_v2":
         base = mobilenet_v2_encoder(in_channels=3 if in_channels is None else in_channels,

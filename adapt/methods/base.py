@@ -1,0 +1,60 @@
+"""What every adaptation method shares: paired batches, one encoder pass, the label loss.
+
+A method is an ``mtl.objective.Objective``: the Trainer hands it a batch of
+``PairedDomains`` items, ``{"source": (x_s, y_s), "target": x_t}`` (target labels are
+never in the batch), and it returns named losses, which a static weighting sums
+(DESIGN.md: "a static weighting is also how a domain-adaptation method combines its
+classification loss with its alignment losses"). The model is a ``MultiTaskModel``
+whose ``"label"`` head classifies; the Trainer evaluates that head on the target
+domain's test split.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtl.errors import ConfigError
+from mtl.objective import Objective
+
+LABEL = "label"
+
+
+def unwrap(model):
+    """The model itself, also when Accelerate has wrapped it for distributed training."""
+    return getattr(model, "module", model)
+
+
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_s, y_s, x_t)`` from a paired batch; a clear error for anything else."""
+    if not isinstance(batch, dict) or set(batch) != {"source", "target"}:
+        raise ConfigError("an adaptation method trains on paired batches {'source': (images, labels), 'target': "
+                          "images}; wrap the two domains in adapt.data.PairedDomains(source, target).")
+    x_s, y_s = batch["source"]
+    return x_s, y_s, batch["target"]
+
+
+class AdaptationMethod(Objective):
+    """Base class: ``loss_names`` starts with ``"classification"`` (the source label loss)."""
+
+    def __init__(self, label_task):
+        super().__init__()
+        self.label_task = label_task
+
+    def check_model(self, model, heads: tuple[str, ...] = (LABEL,)) -> None:
+        missing = [h for h in heads if h not in model.task_names]
+        if missing:
+            raise ConfigError(f"{type(self).__name__} needs a model with head(s) {list(heads)}; this one has "
+                              f"{model.task_names}. Build it with adapt.methods.build_model(...).")
+
+    def features(self, model, x_s, x_t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One encoder pass over both domains: ``(z, z_s, z_t)`` with ``z = cat(z_s, z_t)``.
+
+        One pass rather than two halves the encoder's per-call cost; the encoders used here
+        have no batch-norm, so mixing the domains in one batch changes no statistics.
+        """
+        z = unwrap(model).encode(torch.cat([x_s, x_t]))
+        return z, z[: len(x_s)], z[len(x_s):]
+
+    def classification(self, model, z_s, y_s) -> torch.Tensor:
+        logits = unwrap(model).decode(z_s, [LABEL])[LABEL]
+        return self.label_task.loss(logits, y_s)

@@ -1,0 +1,46 @@
+"""What a training step minimises: named losses computed from one batch.
+
+The Trainer asks its ``Objective`` for ``{loss name: scalar loss}`` (and the shared
+representation, for weightings that differentiate with respect to it), and its
+``Weighting`` turns those losses into a gradient. Multi-task learning uses
+``TaskLosses`` (one loss per task head); domain adaptation, distillation and
+continual strategies bring their own objectives: an ``nn.Module`` whose parameters
+(a discriminator, a decoder) train with the model and are saved in its checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .tasks import Task
+
+
+class Objective(nn.Module):
+    #: the names of the losses ``losses`` returns; the weighting is built for them
+    loss_names: list[str]
+
+    def losses(self, model: nn.Module, batch) -> tuple[dict[str, torch.Tensor], object]:
+        """``({name: loss}, representation or None)`` for one training batch."""
+        raise NotImplementedError
+
+    def set_progress(self, progress: float) -> None:
+        """Called before every step with the fraction of the run done, in [0, 1] (for schedules)."""
+
+    def lr_factor(self, progress: float) -> float | None:
+        """A factor on every learning rate at this point of the run, or None to leave them alone."""
+        return None
+
+
+class TaskLosses(Objective):
+    """Multi-task learning: batches are ``(inputs, targets)``; each task's loss on its own head."""
+
+    def __init__(self, tasks: list[Task]):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.loss_names = [t.name for t in self.tasks]
+
+    def losses(self, model, batch):
+        inputs, targets = batch
+        outputs, rep = model(inputs, return_rep=True)
+        return {t.name: t.loss(outputs[t.name], t.target(targets)) for t in self.tasks}, rep

@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Unsupervised domain adaptation between digit domains: train on labelled source
+digits and unlabelled target digits, report accuracy on the target's test split.
+
+The target test split is never used for training or model selection. Domains (all
+mapped to [0, 1], at --size, with --channels): mnist, uci_digits and mnist_m_style
+run offline from data the dependencies ship; mnist, usps, svhn and mnist_m read the
+real data sets under --data-root. Methods: source_only (lower baseline), target_only
+(oracle on labelled target data), mmd, coral, dann.
+
+Examples:
+  python scripts/adapt_digits.py --method dann --source mnist --target mnist_m_style
+  python scripts/adapt_digits.py --compare --source mnist --target uci_digits --out runs/mnist-uci
+  python scripts/adapt_digits.py --method dann --source svhn --target mnist --data-root ~/data --size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without installing
+
+import torch  # noqa: E402
+
+from adapt.data import DOMAINS, PairedDomains, TaskTargets, build_domain  # noqa: E402
+from adapt.methods import METHODS, build_method, build_model  # noqa: E402
+from mtl.cli import (add_optimisation_arguments, add_output_arguments, check_common,  # noqa: E402
+                     script_main, mean_std, mean_std_cell, parse_seeds, trainer_config, write_results)
+from mtl.encoders import build_encoder  # noqa: E402
+from mtl.errors import ConfigError  # noqa: E402
+from mtl.plotting import plot_feature_projection  # noqa: E402
+from mtl.tasks import classification_task  # noqa: E402
+from mtl.trainer import Trainer  # noqa: E402
+from mtl.weighting import build_weighting  # noqa: E402
+
+COMPARE_DEFAULT = ",".join(METHODS)
+COLOUR_DOMAINS = {"mnist_m_style", "mnist_m", "svhn"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("adaptation")
+    g.add_argument("--method", default="dann", choices=METHODS, help="adaptation method (default: dann)")
+    g.add_argument("--source", default="mnist", choices=DOMAINS, help="labelled source domain (default: mnist)")
+    g.add_argument("--target", default="mnist_m_style", choices=DOMAINS,
+                   help="unlabelled target domain (default: mnist_m_style)")
+    g.add_argument("--align-weight", type=float, default=1.0,
+                   help="weight of the alignment loss (mmd, coral, DANN's domain loss) beside the label loss")
+    g.add_argument("--no-lr-anneal", action="store_true",
+                   help="DANN: keep the learning rate constant instead of mu_0 / (1 + 10 p)^0.75")
+    g.add_argument("--compare", action="store_true",
+                   help="run every method of --methods for every seed of --seeds and write one table")
+    g.add_argument("--methods", default=COMPARE_DEFAULT, help=f"methods for --compare (default: {COMPARE_DEFAULT})")
+    g.add_argument("--seeds", default="0,1,2", help="seeds for --compare (default: 0,1,2)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-root", default=None, help="folder with the real data sets (torchvision layouts)")
+    g.add_argument("--train-size", type=int, default=None,
+                   help="use at most this many training images of each domain (fixed subset; default: all)")
+    g.add_argument("--size", type=int, default=28, help="image side after resizing (default: 28)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="image channels (default: 3 when either domain is in colour, else 1)")
+    add_optimisation_arguments(p, epochs=10, batch_size=64, lr=1e-3)
+    add_output_arguments(p, "runs/adapt")
+    args = check_common(p, p.parse_args(argv))
+    if args.channels is None:
+        args.channels = 3 if {args.source, args.target} & COLOUR_DOMAINS else 1
+    return args
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"unknown method(s) {unknown or text!r} in --methods; choose from: {', '.join(METHODS)}")
+    return methods
+
+
+def load_domains(args) -> dict:
+    if args.source == args.target:
+        raise ConfigError(f"--source and --target are both '{args.source}'; adaptation needs two domains.")
+    options = {"root": args.data_root, "size": args.size, "channels": args.channels}
+    source, target = build_domain(args.source, "train", **options), build_domain(args.target, "train", **options)
+    if args.train_size is not None:
+        source = source.subset(min(args.train_size, len(source)))
+        target = target.subset(min(args.train_size, len(target)))
+    return {"source": source, "target": target, "target_test": build_domain(args.target, "test", **options)}
+
+
+def train_one(args, method: str, seed: int, domains: dict, run_dir: Path) -> tuple[dict, torch.nn.Module]:
+    """One run; returns its history and model. target_only pairs the labelled target split with itself."""
+    source = domains["target"] if method == "target_only" else domains["source"]
+    paired = PairedDomains(source, domains["target"])
+    label_task = classification_task("label", domains["source"].num_classes)
+    options = {"anneal_lr": not args.no_lr_anneal} if method == "dann" else {}
+    objective = build_method(method, label_task, **options)
+    torch.manual_seed(seed)
+    encoder = build_encoder("multilenet", in_channels=args.channels, dropout=0.0)
+    model = build_model(method, encoder, domains["source"].num_classes, hidden=50)
+    weights = {name: (1.0 if name == "classification" else args.align_weight) for name in objective.loss_names}
+    weighting = build_weighting("static", objective.loss_names, weights=weights)
+    config = trainer_config(args, seed=seed)
+    run_config = {"method": method, "source": args.source, "target": args.target, "size": args.size,
+                  "channels": args.channels, "align_weight": args.align_weight, "lr_anneal": not args.no_lr_anneal}
+    trainer = Trainer(model, [label_task], weighting, paired, TaskTargets(domains["target_test"], "label"), config,
+                      run_dir, run_config=run_config, overwrite=args.overwrite, objective=objective)
+    resume = args.resume and (run_dir / "checkpoints" / "last.pt").exists()
+    history = trainer.fit(resume=run_dir if resume else None)
+    return history, trainer.accelerator.unwrap_model(trainer.model)
+
+
+@torch.no_grad()
+def features(model, dataset, count: int = 500) -> torch.Tensor:
+    """The encoder's features of the first ``count`` images of a domain (for the projection plot)."""
+    model.eval()
+    images = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+    device = next(model.parameters()).device
+    return model.encode(images.to(device)).flatten(1).float().cpu()
+
+
+def target_accuracy(history: dict) -> float:
+    return 100 * history["epochs"][-1]["eval"]["label"]["accuracy"]
+
+
+def results_table(args, accuracy: dict[str, list[float]], domains: dict) -> str:
+    runs = f"mean ± std over seeds {args.seeds}" if args.compare else f"seed {args.seed}"
+    lines = [
+        f"{args.source} -> {args.target}, target test accuracy (%): {len(domains['source'])} source / "
+        f"{len(domains['target'])} target training images, {len(domains['target_test'])} target test images, "
+        f"{args.size}x{args.size}x{args.channels}, multilenet, {args.epochs} epochs, {runs}",
+        "",
+        "| method | target accuracy |",
+        "|---|---:|",
+    ]
+    lines += [f"| {m} | {mean_std_cell(v)} |" for m, v in accuracy.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    return script_main(parse_args, run, argv)
+
+
+def run(args) -> int:
+    methods = parse_methods(args.methods) if args.compare else [args.method]
+    seeds = parse_seeds(args.seeds) if args.compare else [args.seed]
+    domains = load_domains(args)
+    out = Path(args.out)
+    accuracy: dict[str, list[float]] = {}
+    panels = {}
+    for seed in seeds:
+        for method in methods:
+            run_dir = out / method / f"seed{seed}" if args.compare else out
+            history, model = train_one(args, method, seed, domains, run_dir)
+            accuracy.setdefault(method, []).append(target_accuracy(history))
+            print(f"{method} seed {seed}: target accuracy {accuracy[method][-1]:.2f}%", flush=True)
+            if seed == seeds[0]:
+                panels[f"{method} ({accuracy[method][-1]:.1f}%)"] = {
+                    f"source ({args.source})": features(model, domains["source"]),
+                    f"target ({args.target}, test)": features(model, domains["target_test"])}
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        table = results_table(args, accuracy, domains)
+        plot_feature_projection(panels, out / "features.png",
+                                title=f"{args.source} -> {args.target}: encoder features, first 2 principal "
+                                      f"components (seed {seeds[0]})")
+        write_results(out, table, {
+            "rows": [{"method": m, "accuracy": mean_std(v)[0], "std": mean_std(v)[1], "per_seed": v}
+                     for m, v in accuracy.items()],
+            "args": vars(args)})
+        print(f"\nrun folder: {out}  (plot: {out / 'features.png'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

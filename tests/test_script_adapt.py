@@ -1,0 +1,60 @@
+"""scripts/adapt_digits.py end to end on the embedded domains, and its bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("adapt_digits", ROOT / "scripts" / "adapt_digits.py")
+adapt_digits = importlib.util.module_from_spec(spec)
+sys.modules["adapt_digits"] = adapt_digits
+spec.loader.exec_module(adapt_digits)
+
+TINY = ["--train-size", "96", "--epochs", "1", "--batch-size", "32", "--no-progress", "--no-tensorboard"]
+
+
+def test_one_method_writes_its_table_and_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert adapt_digits.main(["--method", "dann", "--source", "mnist", "--target", "uci_digits", "--out", str(out),
+                              *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "mnist -> uci_digits, target test accuracy (%): 96 source / 96 target training images, " \
+           "359 target test images" in printed
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert row["method"] == "dann" and 0.0 <= row["accuracy"] <= 100.0
+    assert (out / "features.png").stat().st_size > 0
+    assert (out / "checkpoints" / "last.pt").is_file()
+
+
+def test_compare_gives_mean_and_std_over_seeds(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert adapt_digits.main(["--compare", "--methods", "source_only,coral", "--seeds", "0,1", "--source",
+                              "uci_digits", "--target", "mnist", "--out", str(out), *TINY]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["source_only", "coral"]
+    assert all(len(r["per_seed"]) == 2 for r in rows)
+    assert "| source_only | " in capsys.readouterr().out and " ± " in (out / "results.md").read_text()
+    assert (out / "coral" / "seed1" / "history.json").is_file()
+
+
+def test_colour_target_makes_both_domains_three_channels():
+    args = adapt_digits.parse_args(["--source", "mnist", "--target", "mnist_m_style"])
+    assert args.channels == 3
+    assert adapt_digits.parse_args(["--source", "mnist", "--target", "uci_digits"]).channels == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--source", "mnist", "--target", "mnist"], "adaptation needs two domains"),
+    (["--compare", "--methods", "dann,adabn"], "unknown method(s) ['adabn']"),
+    (["--train-size", "0"], "a subset of 0 is not possible"),
+    (["--target", "usps"], "--data-root"),
+])
+def test_bad_input(tmp_path, capsys, args, message):
+    assert adapt_digits.main(["--out", str(tmp_path / "run"), "--no-progress", "--no-tensorboard", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "results.json").exists()
