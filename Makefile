@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow bench bench-adapt clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_trainer_overhead.py
+
+bench-adapt: $(STAMP)  ## DANN step vs pytorch-adapt 0.0.83 (installed into benchmarks/.peer, not a dependency)
+	$(BIN)/python benchmarks/bench_adapt.py $$(test -d benchmarks/.peer || echo --install-peer)
 
 clean:
 	rm -rf runs

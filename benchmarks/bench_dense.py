@@ -93,10 +93,10 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from common import load_average, machine_info as common_machine_info  # noqa: E402
+from common import load_average, machine_info as common_machine_info, save_results  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
 from mtl.heads import DenseHead  # noqa: E402
-from mtl.io import atomic_write, write_json  # noqa: E402
+from mtl.io import atomic_write  # noqa: E402
 from mtl.model import MultiTaskModel  # noqa: E402
 from mtl.tasks import nyuv2_tasks  # noqa: E402
 from mtl.weighting import build_weighting  # noqa: E402
@@ -849,10 +849,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "wall_s": time.perf_counter() - start,
     }
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "dense.json", result)
-    write_markdown(out / "dense.md", result)
+    out = save_results(args.out_dir, "dense", result, write_markdown)
 
     print()
     print(f"timed step: {TIMED_STEP}")

@@ -55,12 +55,12 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from common import load_average, machine_info as common_machine_info  # noqa: E402
+from common import load_average, machine_info as common_machine_info, save_results  # noqa: E402
 from mtl.config import TrainerConfig  # noqa: E402
 from mtl.data import MultiMNIST  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
 from mtl.heads import ClassificationHead  # noqa: E402
-from mtl.io import atomic_write, write_json  # noqa: E402
+from mtl.io import atomic_write  # noqa: E402
 from mtl.model import MultiTaskModel  # noqa: E402
 from mtl.tasks import classification_task  # noqa: E402
 from mtl.trainer import Trainer  # noqa: E402
@@ -317,10 +317,7 @@ def main(argv=None) -> int:
         "verdict": verdict,
     }
 
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "trainer_overhead.json", result)
-    write_markdown(out / "trainer_overhead.md", result)
+    out = save_results(args.out_dir, "trainer_overhead", result, write_markdown)
 
     b, t = figures["bare"], figures["trainer"]
     print()

@@ -99,11 +99,11 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from common import load_average, machine_info as common_machine_info  # noqa: E402
+from common import load_average, machine_info as common_machine_info, save_results  # noqa: E402
 from mtl.data import MultiMNIST  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
 from mtl.heads import ClassificationHead, MultiLabelHead  # noqa: E402
-from mtl.io import atomic_write, write_json  # noqa: E402
+from mtl.io import atomic_write  # noqa: E402
 from mtl.model import MultiTaskModel  # noqa: E402
 from mtl.tasks import binary_task, classification_task  # noqa: E402
 from mtl.weighting import build_weighting  # noqa: E402
@@ -781,10 +781,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "wall_s": time.perf_counter() - start,
     }
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "weighting.json", result)
-    write_markdown(out / "weighting.md", result)
+    out = save_results(args.out_dir, "weighting", result, write_markdown)
 
     print()
     print(f"timed step: {TIMED_STEP}")

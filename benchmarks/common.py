@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -40,3 +42,14 @@ def machine_info(**extra) -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         **extra,
     }
+
+
+def save_results(out_dir, name: str, result: dict, write_markdown: Callable[[Path, dict], None]) -> Path:
+    """``result`` as ``<out_dir>/<name>.json`` and, through ``write_markdown``, ``<name>.md`` (atomic writes)."""
+    from mtl.io import write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", result)
+    write_markdown(out / f"{name}.md", result)
+    return out

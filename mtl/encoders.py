@@ -2,6 +2,8 @@
 
 Names:
 - ``multilenet``: the LeNet-style encoder of Sener & Koltun (2018) for 28x28 inputs.
+- ``digitnet``: the digit feature extractor of Ganin et al. (JMLR 2016) for 28x28 or
+  32x32 inputs (MNIST -> MNIST-M, SVHN -> MNIST).
 - ``resnet18``, ``resnet34``, ``resnet50``: torchvision ResNets without their classifier.
 - ``smp:<name>``: any segmentation-models-pytorch encoder (e.g. ``smp:resnet50``,
   ``smp:efficientnet-b0``); returns the list of feature maps, or a pooled vector
@@ -46,6 +48,34 @@ class MultiLeNetEncoder(nn.Module):
         x = F.relu(F.max_pool2d(self.conv1(x), 2))
         x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
         return F.relu(self.fc(x.flatten(1)))
+
+
+class DigitNetEncoder(nn.Module):
+    """Ganin et al.'s feature extractor for digits (JMLR 2016, Fig. 4 / appendix: the MNIST model).
+
+    conv 5x5 (32) -> ReLU -> max-pool 2 -> conv 5x5 (48) -> ReLU -> max-pool 2 -> flatten:
+    768 features for 28x28 inputs, 1200 for 32x32 (``size``). The paper's label predictor
+    (100-100-10) and domain classifier (100-1) sit on these features.
+    """
+
+    def __init__(self, in_channels: int = 3, size: int = 28, dropout: float = 0.0):
+        super().__init__()
+        if size not in (28, 32):
+            raise ConfigError(f"digitnet is built for 28x28 or 32x32 digits, got size {size}; resize the images.")
+        self.size = size
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, 32, kernel_size=5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 48, kernel_size=5), nn.Dropout2d(dropout), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        side = ((size - 4) // 2 - 4) // 2
+        self.out_features = 48 * side * side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.size, self.size):
+            raise ConfigError(f"this digitnet was built for {self.size}x{self.size} inputs, got "
+                              f"{tuple(x.shape[-2:])}; build it with size={x.shape[-1]} or resize the images.")
+        return self.net(x)
 
 
 class TorchvisionResNet(nn.Module):
@@ -100,7 +130,7 @@ class SmpEncoder(nn.Module):
 
 
 def encoder_names() -> list[str]:
-    return ["multilenet", *TORCHVISION_RESNETS, "smp:<encoder name>"]
+    return ["multilenet", "digitnet", *TORCHVISION_RESNETS, "smp:<encoder name>"]
 
 
 def build_encoder(name: str, in_channels: int | None = None, pretrained: bool = False, **options) -> nn.Module:
@@ -115,6 +145,10 @@ def build_encoder(name: str, in_channels: int | None = None, pretrained: bool = 
         if pretrained:
             raise ConfigError("multilenet has no pretrained weights; drop pretrained=True (--pretrained).")
         return MultiLeNetEncoder(in_channels=in_channels, **options)
+    if name == "digitnet":
+        if pretrained:
+            raise ConfigError("digitnet has no pretrained weights; drop pretrained=True (--pretrained).")
+        return DigitNetEncoder(in_channels=in_channels, **options)
     if name in TORCHVISION_RESNETS:
         return TorchvisionResNet(name, in_channels=in_channels, pretrained=pretrained, **options)
     if name.startswith("smp:"):

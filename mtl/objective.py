@@ -19,6 +19,12 @@ from .tasks import Task
 class Objective(nn.Module):
     #: the names of the losses ``losses`` returns; the weighting is built for them
     loss_names: list[str]
+    #: True for objectives that update their own parameters with optimizers of their own
+    #: (ADDA's discriminator): the Trainer then leaves those parameters out of its optimizer.
+    own_optimizer: bool = False
+    #: True for objectives that take the whole training step (alternating updates):
+    #: the Trainer then calls ``train_step(trainer, batch)`` instead of its own step.
+    custom_step: bool = False
 
     def losses(self, model: nn.Module, batch) -> tuple[dict[str, torch.Tensor], object]:
         """``({name: loss}, representation or None)`` for one training batch."""
@@ -30,6 +36,14 @@ class Objective(nn.Module):
     def lr_factor(self, progress: float) -> float | None:
         """A factor on every learning rate at this point of the run, or None to leave them alone."""
         return None
+
+    def train_step(self, trainer, batch) -> tuple[dict[str, float], dict[str, float]] | None:
+        """With ``custom_step``: one whole update; returns ``(losses, weights)`` as floats for the history.
+
+        Use ``trainer.accelerator.backward``, ``trainer.optimizer`` (the model's parameters) and
+        ``trainer.all_mean_grads(params)`` for parameters DDP does not average (the objective's).
+        """
+        raise NotImplementedError(f"{type(self).__name__} sets custom_step but has no train_step")
 
 
 class TaskLosses(Objective):

@@ -19,6 +19,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -95,7 +96,7 @@ class Trainer:
         groups = model.parameter_groups()
         if not weighting.own_optimizer and list(weighting.parameters()):
             groups.append({"params": list(weighting.parameters()), "lr_scale": 1.0})
-        if list(self.objective.parameters()):
+        if not self.objective.own_optimizer and list(self.objective.parameters()):
             groups.append({"params": list(self.objective.parameters()), "lr_scale": 1.0})
         optimizer = build_optimizer(groups, config)
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, optimizer, train_loader)
@@ -112,6 +113,17 @@ class Trainer:
                               "epochs": [], "steps": [], "skipped_steps": 0}
         self._epoch_sums = self._zero_sums()
         self.last_checkpoint: Path | None = None
+        self.epoch_hooks: dict[str, Callable] = {}
+
+    def add_epoch_hook(self, name: str, hook: Callable[["Trainer"], dict]) -> None:
+        """Run ``hook(trainer)`` after every epoch's evaluation and store its result as ``record[name]``.
+
+        For measurements beside the tasks' metrics, such as unsupervised validation scores.
+        The hook must depend on the model only, so that a resumed run records the same values.
+        """
+        if name in ("epoch", "step", "lr", "train_loss", "weights", "eval"):
+            raise ConfigError(f"'{name}' is a field of the epoch record already; name the hook differently.")
+        self.epoch_hooks[name] = hook
 
     # ----- set-up checks -------------------------------------------------------------------
     def _check_tasks(self, model, weighting, own_objective: bool):
@@ -147,6 +159,8 @@ class Trainer:
 
     def train_step(self, batch) -> tuple[dict[str, float], dict[str, float]] | None:
         """One optimizer step; returns (losses, weights) as floats, or None for a skipped step."""
+        if self.objective.custom_step:
+            return self.objective.train_step(self, batch)
         losses, rep = self.compute_losses(batch)
         values = torch.stack([loss.detach().float() for loss in losses.values()])
         if self.accelerator.num_processes > 1:  # every rank must agree on skipping
@@ -173,11 +187,15 @@ class Trainer:
 
     def _sync_weighting_grads(self):
         # The weighting and the objective are not wrapped by DDP, so their parameters' gradients are averaged here.
-        if self.accelerator.num_processes == 1:
-            return
-        params = list(self.objective.parameters())
+        params = [] if self.objective.own_optimizer else list(self.objective.parameters())
         if not self.weighting.own_optimizer:
             params += list(self.weighting.parameters())
+        self.all_mean_grads(params)
+
+    def all_mean_grads(self, params) -> None:
+        """Average the gradients of parameters outside the DDP-wrapped model across processes."""
+        if self.accelerator.num_processes == 1:
+            return
         for p in params:
             if p.grad is not None:
                 p.grad = self.accelerator.reduce(p.grad, reduction="mean")
@@ -260,6 +278,8 @@ class Trainer:
         }
         if self.eval_loader is not None:
             record["eval"] = self.evaluate()
+        for name, hook in self.epoch_hooks.items():
+            record[name] = hook(self)
         self.history["epochs"].append(record)
         self.accelerator.log(_flatten({"train_loss": record["train_loss"], "eval": record.get("eval", {})}),
                              step=self.progress.step)

@@ -6,7 +6,11 @@ The target test split is never used for training or model selection. Domains (al
 mapped to [0, 1], at --size, with --channels): mnist, uci_digits and mnist_m_style
 run offline from data the dependencies ship; mnist, usps, svhn and mnist_m read the
 real data sets under --data-root. Methods: source_only (lower baseline), target_only
-(oracle on labelled target data), mmd, coral, dann.
+(oracle on labelled target data), mmd, coral, dann, dsn (similarity by DANN) and
+dsn_mmd (by MMD), rtn, adda (source_only first, then adversarial adaptation of a
+copy of its encoder), cycada (pixel-level translation of the source into the target's
+style with cycle-consistent GANs and a semantic-consistency loss, then ADDA on the
+translated source).
 
 Examples:
   python scripts/adapt_digits.py --method dann --source mnist --target mnist_m_style
@@ -17,6 +21,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -24,8 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 
 import torch  # noqa: E402
 
-from adapt.data import DOMAINS, PairedDomains, TaskTargets, build_domain  # noqa: E402
-from adapt.methods import METHODS, build_method, build_model  # noqa: E402
+from adapt.data import DOMAINS, PairedDomains, TaskTargets, Unlabelled, build_domain  # noqa: E402
+from adapt.methods import ANNEALED, METHODS, PAPER_LOSS_WEIGHTS, build_method, build_model  # noqa: E402
+from adapt.methods.adda import PAPER_LR as ADDA_LR  # noqa: E402
+from adapt.methods.adda import build_adda  # noqa: E402
+from adapt.methods.cycada import cycada_pixel, translate  # noqa: E402
+from adapt.validators import score_unlabelled, select_epoch  # noqa: E402
 from mtl.cli import (add_optimisation_arguments, add_output_arguments, check_common,  # noqa: E402
                      script_main, mean_std, mean_std_cell, parse_seeds, trainer_config, write_results)
 from mtl.encoders import build_encoder  # noqa: E402
@@ -35,21 +44,29 @@ from mtl.tasks import classification_task  # noqa: E402
 from mtl.trainer import Trainer  # noqa: E402
 from mtl.weighting import build_weighting  # noqa: E402
 
-COMPARE_DEFAULT = ",".join(METHODS)
+TWO_STAGE = ("adda", "cycada")  # methods that start from a trained source_only model
+ALL_METHODS = METHODS + TWO_STAGE
+COMPARE_DEFAULT = ",".join(ALL_METHODS)
 COLOUR_DOMAINS = {"mnist_m_style", "mnist_m", "svhn"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("adaptation")
-    g.add_argument("--method", default="dann", choices=METHODS, help="adaptation method (default: dann)")
+    g.add_argument("--method", default="dann", choices=ALL_METHODS, help="adaptation method (default: dann)")
     g.add_argument("--source", default="mnist", choices=DOMAINS, help="labelled source domain (default: mnist)")
     g.add_argument("--target", default="mnist_m_style", choices=DOMAINS,
                    help="unlabelled target domain (default: mnist_m_style)")
     g.add_argument("--align-weight", type=float, default=1.0,
-                   help="weight of the alignment loss (mmd, coral, DANN's domain loss) beside the label loss")
+                   help="weight of the alignment loss (mmd, coral, DANN's domain loss) beside the label loss "
+                        "(RTN uses its paper's weights)")
+    g.add_argument("--adda-lr", type=float, default=ADDA_LR,
+                   help=f"ADDA stage 2: learning rate of the target encoder and the discriminator (default: {ADDA_LR})")
     g.add_argument("--no-lr-anneal", action="store_true",
-                   help="DANN: keep the learning rate constant instead of mu_0 / (1 + 10 p)^0.75")
+                   help="DANN, RTN: keep the learning rate constant instead of mu_0 / (1 + 10 p)^0.75")
+    g.add_argument("--encoder", default="digitnet", choices=("digitnet", "multilenet"),
+                   help="feature extractor: Ganin et al.'s digit network (default) or Sener & Koltun's MultiLeNet "
+                        "(28x28 only)")
     g.add_argument("--compare", action="store_true",
                    help="run every method of --methods for every seed of --seeds and write one table")
     g.add_argument("--methods", default=COMPARE_DEFAULT, help=f"methods for --compare (default: {COMPARE_DEFAULT})")
@@ -71,9 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown or not methods:
-        raise ConfigError(f"unknown method(s) {unknown or text!r} in --methods; choose from: {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method(s) {unknown or text!r} in --methods; choose from: {', '.join(ALL_METHODS)}")
     return methods
 
 
@@ -90,21 +107,60 @@ def load_domains(args) -> dict:
 
 def train_one(args, method: str, seed: int, domains: dict, run_dir: Path) -> tuple[dict, torch.nn.Module]:
     """One run; returns its history and model. target_only pairs the labelled target split with itself."""
-    source = domains["target"] if method == "target_only" else domains["source"]
-    paired = PairedDomains(source, domains["target"])
+    if method == "adda":
+        return train_adda(args, seed, domains, run_dir)
+    if method == "cycada":
+        return train_cycada(args, seed, domains, run_dir)
     label_task = classification_task("label", domains["source"].num_classes)
-    options = {"anneal_lr": not args.no_lr_anneal} if method == "dann" else {}
-    objective = build_method(method, label_task, **options)
     torch.manual_seed(seed)
-    encoder = build_encoder("multilenet", in_channels=args.channels, dropout=0.0)
-    model = build_model(method, encoder, domains["source"].num_classes, hidden=50)
-    weights = {name: (1.0 if name == "classification" else args.align_weight) for name in objective.loss_names}
+    encoder_options = {"size": args.size} if args.encoder == "digitnet" else {}
+    encoder = build_encoder(args.encoder, in_channels=args.channels, dropout=0.0, **encoder_options)
+    options = {"anneal_lr": not args.no_lr_anneal} if method in ANNEALED else {}
+    objective = build_method(method, label_task, num_classes=domains["source"].num_classes, encoder=encoder,
+                             image_shape=(args.channels, args.size, args.size), **options)
+    model = build_model(method, encoder, domains["source"].num_classes, hidden=100)
+    weights = PAPER_LOSS_WEIGHTS.get(method) or {
+        name: (1.0 if name == "classification" else args.align_weight) for name in objective.loss_names}
+    source = domains["target"] if method == "target_only" else domains["source"]
+    return fit(args, method, seed, domains, run_dir, model, objective, weights, source, trainer_config(args, seed))
+
+
+def train_adda(args, seed: int, domains: dict, run_dir: Path, stage1=None) -> tuple[dict, torch.nn.Module]:
+    """ADDA: stage 1 is source_only (in run_dir/stage1) unless given; stage 2 adapts a copy of its encoder."""
+    if stage1 is None:
+        _, stage1 = train_one(args, "source_only", seed, domains, run_dir / "stage1")
+    model, objective = build_adda(stage1, lr=args.adda_lr)
+    config = dataclasses.replace(trainer_config(args, seed), lr=args.adda_lr)
+    return fit(args, "adda", seed, domains, run_dir, model, objective, dict.fromkeys(objective.loss_names, 1.0),
+               domains["source"], config)
+
+
+def train_cycada(args, seed: int, domains: dict, run_dir: Path) -> tuple[dict, torch.nn.Module]:
+    """CyCADA: source_only classifier f_S (run_dir/stage1), pixel-level translation source -> target
+    (run_dir/pixel), then a source_only classifier on the translated source (run_dir/translated) adapted
+    to the target at the feature level by ADDA (run_dir) -- the paper's pixel + feature pipeline."""
+    _, classifier = train_one(args, "source_only", seed, domains, run_dir / "stage1")
+    label_task = classification_task("label", domains["source"].num_classes)
+    pixel = cycada_pixel(label_task, classifier, domains["source"], domains["target"])
+    fit(args, "cycada_pixel", seed, domains, run_dir / "pixel", classifier, pixel,
+        dict.fromkeys(pixel.loss_names, 1.0), domains["source"], trainer_config(args, seed))
+    translated = {**domains, "source": translate(domains["source"], pixel.source_to_target, target=args.target)}
+    _, translated_classifier = train_one(args, "source_only", seed, translated, run_dir / "translated")
+    return train_adda(args, seed, translated, run_dir, stage1=translated_classifier)
+
+
+def fit(args, method, seed, domains, run_dir, model, objective, weights, source, config):
+    """Train ``model`` with ``objective`` on (source, target) pairs; evaluate on the target test split."""
+    label_task = classification_task("label", domains["source"].num_classes)
     weighting = build_weighting("static", objective.loss_names, weights=weights)
-    config = trainer_config(args, seed=seed)
-    run_config = {"method": method, "source": args.source, "target": args.target, "size": args.size,
-                  "channels": args.channels, "align_weight": args.align_weight, "lr_anneal": not args.no_lr_anneal}
-    trainer = Trainer(model, [label_task], weighting, paired, TaskTargets(domains["target_test"], "label"), config,
-                      run_dir, run_config=run_config, overwrite=args.overwrite, objective=objective)
+    run_config = {"method": method, "encoder": args.encoder, "source": args.source, "target": args.target,
+                  "size": args.size, "channels": args.channels, "align_weight": args.align_weight,
+                  "lr_anneal": not args.no_lr_anneal, "train_size": args.train_size}
+    trainer = Trainer(model, [label_task], weighting, PairedDomains(source, domains["target"]),
+                      TaskTargets(domains["target_test"], "label"), config, run_dir, run_config=run_config,
+                      overwrite=args.overwrite, objective=objective)
+    target_images = Unlabelled(domains["target"])  # for the unsupervised validators: no labels, never the test split
+    trainer.add_epoch_hook("validation", lambda t: score_unlabelled(t.accelerator.unwrap_model(t.model), target_images))
     resume = args.resume and (run_dir / "checkpoints" / "last.pt").exists()
     history = trainer.fit(resume=run_dir if resume else None)
     return history, trainer.accelerator.unwrap_model(trainer.model)
@@ -119,21 +175,24 @@ def features(model, dataset, count: int = 500) -> torch.Tensor:
     return model.encode(images.to(device)).flatten(1).float().cpu()
 
 
-def target_accuracy(history: dict) -> float:
-    return 100 * history["epochs"][-1]["eval"]["label"]["accuracy"]
+def target_accuracy(history: dict, epoch: int | None = None) -> float:
+    """Target test accuracy (%) after ``epoch`` (1-based; default the last)."""
+    return 100 * history["epochs"][(epoch or len(history["epochs"])) - 1]["eval"]["label"]["accuracy"]
 
 
-def results_table(args, accuracy: dict[str, list[float]], domains: dict) -> str:
+def results_table(args, accuracy: dict[str, list[float]], selected: dict[str, list[float]], domains: dict) -> str:
     runs = f"mean ± std over seeds {args.seeds}" if args.compare else f"seed {args.seed}"
     lines = [
         f"{args.source} -> {args.target}, target test accuracy (%): {len(domains['source'])} source / "
         f"{len(domains['target'])} target training images, {len(domains['target_test'])} target test images, "
-        f"{args.size}x{args.size}x{args.channels}, multilenet, {args.epochs} epochs, {runs}",
+        f"{args.size}x{args.size}x{args.channels}, {args.encoder}, {args.epochs} epochs, {runs}",
         "",
-        "| method | target accuracy |",
-        "|---|---:|",
+        "| method | target accuracy, last epoch | epoch picked without target labels (IM) |",
+        "|---|---:|---:|",
     ]
-    lines += [f"| {m} | {mean_std_cell(v)} |" for m, v in accuracy.items()]
+    lines += [f"| {m} | {mean_std_cell(v)} | {mean_std_cell(selected[m])} |" for m, v in accuracy.items()]
+    lines += ["", "IM: the epoch with the highest information-maximisation score on the unlabelled target "
+                  "training images (adapt/validators.py); the test split is only measured."]
     return "\n".join(lines)
 
 
@@ -147,13 +206,17 @@ def run(args) -> int:
     domains = load_domains(args)
     out = Path(args.out)
     accuracy: dict[str, list[float]] = {}
+    selected: dict[str, list[float]] = {}  # accuracy of the epoch the IM validator picks
     panels = {}
     for seed in seeds:
         for method in methods:
             run_dir = out / method / f"seed{seed}" if args.compare else out
             history, model = train_one(args, method, seed, domains, run_dir)
             accuracy.setdefault(method, []).append(target_accuracy(history))
-            print(f"{method} seed {seed}: target accuracy {accuracy[method][-1]:.2f}%", flush=True)
+            chosen = select_epoch(history, "information_maximization")
+            selected.setdefault(method, []).append(target_accuracy(history, chosen))
+            print(f"{method} seed {seed}: target accuracy {accuracy[method][-1]:.2f}% (last epoch), "
+                  f"{selected[method][-1]:.2f}% (epoch {chosen}, picked by information maximisation)", flush=True)
             if seed == seeds[0]:
                 panels[f"{method} ({accuracy[method][-1]:.1f}%)"] = {
                     f"source ({args.source})": features(model, domains["source"]),
@@ -161,12 +224,13 @@ def run(args) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        table = results_table(args, accuracy, domains)
+        table = results_table(args, accuracy, selected, domains)
         plot_feature_projection(panels, out / "features.png",
                                 title=f"{args.source} -> {args.target}: encoder features, first 2 principal "
                                       f"components (seed {seeds[0]})")
         write_results(out, table, {
-            "rows": [{"method": m, "accuracy": mean_std(v)[0], "std": mean_std(v)[1], "per_seed": v}
+            "rows": [{"method": m, "accuracy": mean_std(v)[0], "std": mean_std(v)[1], "per_seed": v,
+                      "im_selected_accuracy": mean_std(selected[m])[0], "im_selected_per_seed": selected[m]}
                      for m, v in accuracy.items()],
             "args": vars(args)})
         print(f"\nrun folder: {out}  (plot: {out / 'features.png'})")

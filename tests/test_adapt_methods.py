@@ -30,9 +30,10 @@ def domain(n: int, seed: int, shift: float = 0.0, name: str = "toy") -> DigitDom
 def build(method: str, run_dir, epochs=1, batch_size=16, scheduler="none", **options):
     source, target = domain(64, 0), domain(48, 1, shift=0.2, name="shifted")
     label_task = classification_task("label", 10)
-    objective = build_method(method, label_task, **options)
     torch.manual_seed(0)
-    model = build_model(method, build_encoder("multilenet", dropout=0.0), 10)
+    encoder = build_encoder("multilenet", dropout=0.0)
+    objective = build_method(method, label_task, encoder=encoder, image_shape=(1, 28, 28), **options)
+    model = build_model(method, encoder, 10)
     weighting = build_weighting("static", objective.loss_names, weights=dict.fromkeys(objective.loss_names, 1.0))
     config = TrainerConfig(epochs=epochs, batch_size=batch_size, lr=1e-3, cpu=True, progress=False,
                            tensorboard=False, log_every=1, scheduler=scheduler)
@@ -53,7 +54,9 @@ def test_every_method_trains_end_to_end(tmp_path, method):
     assert 0.0 <= history["epochs"][-1]["eval"]["label"]["accuracy"] <= 1.0
     expected = {"source_only": ["classification"], "target_only": ["classification"],
                 "mmd": ["classification", "mmd"], "coral": ["classification", "coral"],
-                "dann": ["classification", "domain"]}[method]
+                "dann": ["classification", "domain"], "rtn": ["classification", "entropy", "mmd"],
+                "dsn": ["classification", "difference", "reconstruction", "similarity"],
+                "dsn_mmd": ["classification", "difference", "reconstruction", "similarity"]}[method]
     assert trainer.objective.loss_names == expected
 
 

@@ -109,9 +109,21 @@ def test_unknown_smp_encoder_is_a_config_error():
 def test_unknown_encoder_names_the_choices():
     with pytest.raises(ConfigError, match="unknown encoder 'vgg16'") as err:
         build_encoder("vgg16")
-    for choice in ("multilenet", "resnet18", "resnet34", "resnet50", "smp:<encoder name>"):
+    for choice in ("multilenet", "digitnet", "resnet18", "resnet34", "resnet50", "smp:<encoder name>"):
         assert choice in str(err.value)
-    assert encoder_names() == ["multilenet", "resnet18", "resnet34", "resnet50", "smp:<encoder name>"]
+    assert encoder_names() == ["multilenet", "digitnet", "resnet18", "resnet34", "resnet50", "smp:<encoder name>"]
+
+
+@pytest.mark.parametrize("size, features", [(28, 768), (32, 1200)])
+def test_digitnet_is_ganins_digit_feature_extractor(size, features):
+    encoder = build_encoder("digitnet", size=size)
+    assert encoder.out_features == features
+    assert encoder(torch.zeros(2, 3, size, size)).shape == (2, features)
+    assert [m.out_channels for m in encoder.modules() if isinstance(m, nn.Conv2d)] == [32, 48]
+    with pytest.raises(ConfigError, match="built for 28x28 inputs, got \\(32, 32\\)"):
+        build_encoder("digitnet")(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ConfigError, match="28x28 or 32x32"):
+        build_encoder("digitnet", size=64)
 
 
 # ---------------------------------------------------------------------------

@@ -27,6 +27,11 @@ def test_one_method_writes_its_table_and_metrics(tmp_path, capsys):
            "359 target test images" in printed
     row = json.loads((out / "results.json").read_text())["rows"][0]
     assert row["method"] == "dann" and 0.0 <= row["accuracy"] <= 100.0
+    # one epoch: the epoch the validator picks is the last one
+    assert row["im_selected_accuracy"] == row["accuracy"]
+    validation = json.loads((out / "history.json").read_text())["epochs"][-1]["validation"]
+    assert set(validation) == {"entropy", "information_maximization"}
+    assert validation["entropy"] <= 0.0 <= validation["information_maximization"] <= 2.31  # log(10)
     assert (out / "features.png").stat().st_size > 0
     assert (out / "checkpoints" / "last.pt").is_file()
 
@@ -40,6 +45,27 @@ def test_compare_gives_mean_and_std_over_seeds(tmp_path, capsys):
     assert all(len(r["per_seed"]) == 2 for r in rows)
     assert "| source_only | " in capsys.readouterr().out and " ± " in (out / "results.md").read_text()
     assert (out / "coral" / "seed1" / "history.json").is_file()
+
+
+def test_adda_trains_source_only_first_then_adapts(tmp_path, capsys):
+    out = tmp_path / "adda"
+    assert adapt_digits.main(["--method", "adda", "--source", "uci_digits", "--target", "mnist", "--out", str(out),
+                              *TINY]) == 0
+    stage1 = json.loads((out / "stage1" / "history.json").read_text())
+    stage2 = json.loads((out / "history.json").read_text())
+    assert stage1["losses"] == ["classification"] and stage2["losses"] == ["discriminator", "adversarial"]
+    assert json.loads((out / "results.json").read_text())["rows"][0]["method"] == "adda"
+
+
+def test_cycada_runs_its_four_stages(tmp_path):
+    out = tmp_path / "cycada"
+    assert adapt_digits.main(["--method", "cycada", "--source", "mnist", "--target", "mnist_m_style", "--out",
+                              str(out), *TINY]) == 0
+    pixel = json.loads((out / "pixel" / "history.json").read_text())
+    assert pixel["losses"] == ["generator_gan", "cycle", "semantic", "discriminator"]
+    for stage in ("stage1", "translated"):
+        assert json.loads((out / stage / "history.json").read_text())["losses"] == ["classification"]
+    assert json.loads((out / "history.json").read_text())["losses"] == ["discriminator", "adversarial"]
 
 
 def test_colour_target_makes_both_domains_three_channels():

@@ -217,3 +217,12 @@ def test_datasets_with_set_epoch_are_told_the_epoch(tmp_path):
     make_trainer(tmp_path, train=data, epochs=3).fit()
     changes = [e for i, e in enumerate(data.seen) if i == 0 or data.seen[i - 1] != e]
     assert changes == [0, 1, 2]
+
+
+def test_epoch_hooks_add_their_results_to_every_epoch_record(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=2)
+    trainer.add_epoch_hook("validation", lambda t: {"epoch_seen": t.progress.epoch + 1})
+    history = trainer.fit()
+    assert [r["validation"] for r in history["epochs"]] == [{"epoch_seen": 1}, {"epoch_seen": 2}]
+    with pytest.raises(ConfigError, match="'eval' is a field of the epoch record"):
+        trainer.add_epoch_hook("eval", lambda t: {})

@@ -24,6 +24,16 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+def encode(model, x) -> torch.Tensor:
+    """The shared representation of ``x``, through the model's ``forward``.
+
+    Under DDP only the wrapped module's ``forward`` sets up the gradient averaging, so the
+    encoder is run through it (with no heads) rather than through ``unwrap(model).encode``,
+    which would leave each process with its own encoder gradients.
+    """
+    return model(x, tasks=[], return_rep=True)[1]
+
+
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x_s, y_s, x_t)`` from a paired batch; a clear error for anything else."""
     if not isinstance(batch, dict) or set(batch) != {"source", "target"}:
@@ -52,7 +62,7 @@ class AdaptationMethod(Objective):
         One pass rather than two halves the encoder's per-call cost; the encoders used here
         have no batch-norm, so mixing the domains in one batch changes no statistics.
         """
-        z = unwrap(model).encode(torch.cat([x_s, x_t]))
+        z = encode(model, torch.cat([x_s, x_t]))
         return z, z[: len(x_s)], z[len(x_s):]
 
     def classification(self, model, z_s, y_s) -> torch.Tensor:

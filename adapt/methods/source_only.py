@@ -7,7 +7,7 @@ builds it so); no other method ever receives target labels.
 
 from __future__ import annotations
 
-from .base import AdaptationMethod, split_batch, unwrap
+from .base import AdaptationMethod, encode, split_batch
 
 
 class SourceOnly(AdaptationMethod):
@@ -15,5 +15,5 @@ class SourceOnly(AdaptationMethod):
 
     def losses(self, model, batch):
         x_s, y_s, _ = split_batch(batch)  # the target images are not used
-        z_s = unwrap(model).encode(x_s)
+        z_s = encode(model, x_s)
         return {"classification": self.classification(model, z_s, y_s)}, z_s
