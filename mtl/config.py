@@ -26,6 +26,8 @@ class TrainerConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
+    adam_beta1: float = 0.9  # adam / adamw only
+    adam_beta2: float = 0.999
     scheduler: str = "none"  # stepped once per epoch
     step_size: int = 30  # epochs between decays, for "step"
     gamma: float = 0.1
@@ -60,6 +62,9 @@ class TrainerConfig:
             raise ConfigError(f"learning rate must be a positive number, got {self.lr}.")
         if self.weight_decay < 0 or not 0 < self.gamma <= 1:
             raise ConfigError(f"need weight_decay >= 0 and 0 < gamma <= 1, got {self.weight_decay}, {self.gamma}.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"grad_clip must be > 0 (or None to disable), got {self.grad_clip}.")
 

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from adapt.data import DOMAINS, PairedDomains, TaskTargets, Unlabelled, build_domain  # noqa: E402
 from adapt.methods import ANNEALED, METHODS, PAPER_LOSS_WEIGHTS, build_method, build_model  # noqa: E402
+from adapt.methods.adda import PAPER_BETAS as ADDA_BETAS  # noqa: E402
 from adapt.methods.adda import PAPER_LR as ADDA_LR  # noqa: E402
 from adapt.methods.adda import build_adda  # noqa: E402
 from adapt.methods.cycada import cycada_pixel, translate  # noqa: E402
@@ -130,7 +131,9 @@ def train_adda(args, seed: int, domains: dict, run_dir: Path, stage1=None) -> tu
     if stage1 is None:
         _, stage1 = train_one(args, "source_only", seed, domains, run_dir / "stage1")
     model, objective = build_adda(stage1, lr=args.adda_lr)
-    config = dataclasses.replace(trainer_config(args, seed), lr=args.adda_lr)
+    # the paper trains the target encoder with Adam, lr 2e-4, beta1 0.5, like its discriminator
+    config = dataclasses.replace(trainer_config(args, seed), lr=args.adda_lr, adam_beta1=ADDA_BETAS[0],
+                                 adam_beta2=ADDA_BETAS[1])
     return fit(args, "adda", seed, domains, run_dir, model, objective, dict.fromkeys(objective.loss_names, 1.0),
                domains["source"], config)
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from mtl.config import TrainerConfig
 from mtl.model import MultiTaskModel
+from mtl.errors import ConfigError
 from mtl.optim import build_optimizer
 
 
@@ -46,3 +47,12 @@ def test_per_task_encoder_feeds_each_head_its_own_representation():
     assert list(out) == ["b"] and model.encoder.calls == [["b"]]
     enc = model.encoder
     assert torch.allclose(out["b"], model.heads["b"](enc.mix(enc.columns["b"](x))))
+
+
+def test_adam_betas_come_from_the_config():
+    params = [nn.Parameter(torch.zeros(2))]
+    assert build_optimizer(params, TrainerConfig()).param_groups[0]["betas"] == (0.9, 0.999)
+    opt = build_optimizer(params, TrainerConfig(optimizer="adamw", adam_beta1=0.5))
+    assert opt.param_groups[0]["betas"] == (0.5, 0.999)
+    with pytest.raises(ConfigError, match=r"adam_beta2 must be in \[0, 1\), got 1.0"):
+        TrainerConfig(adam_beta2=1.0)

@@ -34,8 +34,9 @@ instead of alternating them, averages the mapping loss over source and target fe
 together (so M_t gets half of eq. 9's gradient), and gives D a two-way softmax output,
 leaky ReLUs by default and L2 weight decay 2.5e-5.
 
-The Trainer's optimizer trains M_t, so its settings (``--optimizer adam --lr 2e-4``) are
-the user's; the paper's beta1 of 0.5 for M_t needs the Trainer's Adam to accept betas.
+The Trainer's optimizer trains M_t, so its settings are the caller's: the paper's Adam
+with lr 2e-4 and beta1 0.5 is ``TrainerConfig(lr=2e-4, adam_beta1=0.5)``, which
+``scripts/adapt_digits.py`` uses for stage 2.
 """
 
 from __future__ import annotations
