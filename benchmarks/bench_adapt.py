@@ -261,15 +261,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----- the peer: pytorch-adapt in its own folder ---------------------------------------------------
 
 
-def install_command(peer_dir: Path) -> list[str]:
-    """This environment's pip, into ``peer_dir`` (relative to the checkout when inside it), no dependencies."""
-    target = Path(peer_dir).resolve()
-    shown = target.relative_to(ROOT) if target.is_relative_to(ROOT) else target
-    return [sys.executable, "-m", "pip", "install", "--target", str(shown), "--no-deps", *PEER_REQUIREMENTS]
+def shown_path(path: Path) -> str:
+    """``path`` relative to the checkout when inside it (results files name no machine's folders)."""
+    target = Path(path).resolve()
+    return str(target.relative_to(ROOT) if target.is_relative_to(ROOT) else target)
+
+
+def install_command(peer_dir: Path, python: str = "python") -> list[str]:
+    """pip into ``peer_dir``, no dependencies; ``python``: the interpreter (this environment's when run)."""
+    return [python, "-m", "pip", "install", "--target", shown_path(peer_dir), "--no-deps", *PEER_REQUIREMENTS]
 
 
 def install_peer(peer_dir: Path) -> bool:
-    cmd = install_command(peer_dir)
+    cmd = install_command(peer_dir, sys.executable)
     print(f"installing pytorch-adapt (run in {ROOT}): {shlex.join(cmd)}", flush=True)
     return subprocess.run(cmd, cwd=ROOT).returncode == 0
 
@@ -785,7 +789,7 @@ def main(argv=None) -> int:
                   f"{NUM_CLASSES}, hidden={args.label_hidden}); DANN adds DomainClassifier(50, hidden=100)"),
         "timed": {"ours": OUR_STEP, "pytorch_adapt": PEER_STEP},
         "differences": DIFFERENCES,
-        "peer": {"dir": str(args.peer_dir), "install_command": shlex.join(install_command(args.peer_dir)),
+        "peer": {"dir": shown_path(args.peer_dir), "install_command": shlex.join(install_command(args.peer_dir)),
                  "versions": peer_versions(mods) if mods else None, "unavailable": peer_reason},
         "machine": machine_info(torch_threads_default=threads_default, torch_threads=threads),
         "load_average_1_5_15min": {"start": load_start, "end": load_end},
