@@ -134,7 +134,7 @@ from torch import nn  # noqa: E402
 from adapt.data import build_domain  # noqa: E402
 import adapt.methods as adapt_methods  # noqa: E402
 from adapt.methods import METHODS, build_method, build_model  # noqa: E402
-from common import load_average, machine_info, save_results  # noqa: E402
+from common import ensure_threads, load_average, machine_info, save_results, sync  # noqa: E402
 from mtl.config import TrainerConfig  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
 from mtl.errors import ConfigError  # noqa: E402
@@ -536,15 +536,11 @@ def same_computation_check(args, mods, batches, pbatches, device) -> dict:
 # ----- timing --------------------------------------------------------------------------------------
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_block(runner, steps: int, threads: int, device: torch.device) -> float:
     """Mean wall time of ``steps`` consecutive training steps."""
-    if threads and torch.get_num_threads() != threads:  # something changed it: put it back, all sides equal
-        torch.set_num_threads(threads)
+    ensure_threads(threads)
     gc.collect()
     sync(device)
     t0 = time.perf_counter()

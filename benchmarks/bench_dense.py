@@ -93,7 +93,9 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from common import load_average, machine_info as common_machine_info, save_results  # noqa: E402
+from common import (ensure_threads, load_average, parse_choices, proc_status_kib, reset_peak_rss,  # noqa: E402
+                    save_results, sync, verdict_at_most)
+from common import machine_info as common_machine_info  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
 from mtl.heads import DenseHead  # noqa: E402
 from mtl.io import atomic_write  # noqa: E402
@@ -196,21 +198,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--threads must be >= 1, got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is present (torch.cuda.is_available() is False)")
-    methods = _choices(p, "--methods", args.methods, METHODS)
+    methods = parse_choices(p, "--methods", args.methods, METHODS)
     args.methods = ["equal"] + [m for m in methods if m != "equal"]
     mem = args.memory_methods.strip()
-    args.memory_methods = [] if mem in ("", "none") else _choices(p, "--memory-methods", mem, METHODS)
+    args.memory_methods = [] if mem in ("", "none") else parse_choices(p, "--memory-methods", mem, METHODS)
     if args.memory_child is not None and args.memory_child not in METHODS:
         p.error(f"unknown weighting {args.memory_child!r}")
     return args
 
 
-def _choices(p: argparse.ArgumentParser, flag: str, text: str, allowed) -> list[str]:
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in items if s not in allowed]
-    if bad or not items:
-        p.error(f"{flag}: unknown or no entries {bad}; choose from {', '.join(allowed)}")
-    return list(dict.fromkeys(items))  # unique, in the order given
 
 
 # ----- model, data, one training step --------------------------------------------------------------
@@ -301,14 +297,8 @@ class Runner:
 # ----- timing --------------------------------------------------------------------------------------
 
 
-def ensure_threads(threads: int) -> None:
-    if torch.get_num_threads() != threads:  # something changed the setting: put it back, all sides equal
-        torch.set_num_threads(threads)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_block(runner: Runner, steps: int, threads: int) -> float:
@@ -448,24 +438,8 @@ def mgda_ub_breakdown(runner: Runner, rounds: int, threads: int) -> dict:
 # ----- memory (one fresh subprocess per method) ----------------------------------------------------
 
 
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux >= 4.0: resets VmHWM to the current RSS
-    except OSError:
-        return False
-    return True
 
 
 def memory_child(args) -> int:
@@ -488,8 +462,8 @@ def memory_child(args) -> int:
             base = torch.cuda.memory_allocated(device)
             how = "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before"
         else:
-            reset = _reset_peak_rss()
-            base = _proc_status_kib("VmRSS")
+            reset = reset_peak_rss()
+            base = proc_status_kib("VmRSS")
             if base is None:
                 result[key] = {"error": "no VmRSS in /proc/self/status"}
                 continue
@@ -507,7 +481,7 @@ def memory_child(args) -> int:
         if device.type == "cuda":
             peak_mib, base_mib = torch.cuda.max_memory_allocated(device) / 2**20, base / 2**20
         else:
-            hwm = _proc_status_kib("VmHWM") if "VmHWM" in how else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            hwm = proc_status_kib("VmHWM") if "VmHWM" in how else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             peak_mib, base_mib = hwm / 1024, base / 1024
         result[key] = {"baseline_mib": base_mib, "peak_mib": peak_mib, "peak_increase_mib": peak_mib - base_mib,
                        "step_s": step_s, "how": how}
@@ -638,8 +612,6 @@ def machine_info(threads_default: int, threads_used: int) -> dict:
                                torch_threads_default=threads_default, torch_threads=threads_used)
 
 
-def verdict_at_most(value: float, limit: float) -> str:
-    return "PASS" if value <= limit else "ABOVE TARGET"
 
 
 def verdict_at_least(value: float, limit: float) -> str:

@@ -99,7 +99,9 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from common import load_average, machine_info as common_machine_info, save_results  # noqa: E402
+from common import (ensure_threads, load_average, parse_choices, proc_status_kib, reset_peak_rss,  # noqa: E402
+                    save_results, verdict_at_most)
+from common import machine_info as common_machine_info  # noqa: E402
 from mtl.data import MultiMNIST  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
 from mtl.heads import ClassificationHead, MultiLabelHead  # noqa: E402
@@ -196,22 +198,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--round-seconds, --slow-factor and --slow-step-s must be > 0")
     if args.threads < 0:
         p.error(f"--threads must be >= 0, got {args.threads}")
-    args.settings = _choices(p, "--settings", args.settings, SETTINGS)
-    methods = _choices(p, "--methods", args.methods, METHODS)
+    args.settings = parse_choices(p, "--settings", args.settings, SETTINGS)
+    methods = parse_choices(p, "--methods", args.methods, METHODS)
     args.methods = ["equal"] + [m for m in methods if m != "equal"]
     mem = args.memory_methods.strip()
-    args.memory_methods = [] if mem in ("", "none") else _choices(p, "--memory-methods", mem, METHODS)
+    args.memory_methods = [] if mem in ("", "none") else parse_choices(p, "--memory-methods", mem, METHODS)
     if args.memory_child is not None and args.memory_child not in METHODS:
         p.error(f"unknown weighting {args.memory_child!r}")
     return args
 
 
-def _choices(p: argparse.ArgumentParser, flag: str, text: str, allowed) -> list[str]:
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in items if s not in allowed]
-    if bad or not items:
-        p.error(f"{flag}: unknown or no entries {bad}; choose from {', '.join(allowed)}")
-    return list(dict.fromkeys(items))  # unique, in the order given
 
 
 # ----- the two settings ----------------------------------------------------------------------------
@@ -299,9 +295,6 @@ class Runner:
 # ----- timing --------------------------------------------------------------------------------------
 
 
-def ensure_threads(threads: int) -> None:
-    if torch.get_num_threads() != threads:  # something changed the setting: put it back, all sides equal
-        torch.set_num_threads(threads)
 
 
 def timed_block(runner: Runner, steps: int, threads: int) -> float:
@@ -526,24 +519,8 @@ def profile_steps(runners: dict[str, Runner], figures: dict, threads: int, top: 
 # ----- memory (one fresh subprocess per method) ----------------------------------------------------
 
 
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux >= 4.0: resets VmHWM to the current RSS
-    except OSError:
-        return False
-    return True
 
 
 def memory_child(args) -> int:
@@ -556,19 +533,19 @@ def memory_child(args) -> int:
     setting = Setting("t40", args)
     runner = Runner(setting, args.memory_child)
     measured = runner.weighting
-    rss_before_steps = _proc_status_kib("VmRSS")
+    rss_before_steps = proc_status_kib("VmRSS")
     runner.weighting = build_weighting("equal", setting.tasks)  # warm-up: Adam state, allocator
     runner.step()
     runner.weighting = measured
     gc.collect()
-    reset = _reset_peak_rss()
-    base = _proc_status_kib("VmRSS")
+    reset = reset_peak_rss()
+    base = proc_status_kib("VmRSS")
     t0 = time.perf_counter()
     runner.step()
     step_s = time.perf_counter() - t0
-    if reset and base is not None and _proc_status_kib("VmHWM") is not None:
+    if reset and base is not None and proc_status_kib("VmHWM") is not None:
         how = "VmHWM after resetting it with /proc/self/clear_refs (5) after an equal-weighting warm-up step, minus VmRSS"
-        peak, baseline = _proc_status_kib("VmHWM"), base
+        peak, baseline = proc_status_kib("VmHWM"), base
     else:
         how = "getrusage(RUSAGE_SELF).ru_maxrss minus VmRSS before the first step (warm-up step included)"
         peak, baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rss_before_steps or 0
@@ -604,8 +581,6 @@ def machine_info(threads_default: int, threads_used: int) -> dict:
     return common_machine_info(torch_threads_default=threads_default, torch_threads=threads_used)
 
 
-def verdict(value: float, limit: float) -> str:
-    return "PASS" if value <= limit else "ABOVE TARGET"
 
 
 def build_targets(settings: dict, grads: dict | None) -> list[dict]:
@@ -615,13 +590,13 @@ def build_targets(settings: dict, grads: dict | None) -> list[dict]:
             f = settings[key]["methods"][method]
             rows.append({"target": f"{method} step / equal step at {key.upper()}", "limit": limit,
                          "value": f["ratio_of_medians"], "median_round_ratio": f["median_round_ratio"],
-                         "verdict": verdict(f["ratio_of_medians"], limit)})
+                         "verdict": verdict_at_most(f["ratio_of_medians"], limit)})
     if grads and "mgda_shared_parameters" in grads:
         g = grads["mgda_shared_parameters"]
         value = g["over_loop"]["batched"]
         rows.append({"target": "per_task_gradients batched / loop time at T40 (>= 2x faster)", "limit": GRAD_TARGET,
                      "value": value, "median_round_ratio": statistics.median(g["round_ratios"]["batched"]),
-                     "verdict": verdict(value, GRAD_TARGET)})
+                     "verdict": verdict_at_most(value, GRAD_TARGET)})
     return rows
 
 

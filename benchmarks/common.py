@@ -44,6 +44,53 @@ def machine_info(**extra) -> dict:
     }
 
 
+def parse_choices(p, flag: str, text: str, allowed) -> list[str]:
+    """A comma-separated option as a list of known, unique entries; an argparse error otherwise."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        p.error(f"{flag}: unknown or no entries {bad}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(items))  # unique, in the order given
+
+
+def ensure_threads(threads: int) -> None:
+    """Put torch's thread count back to ``threads`` (0: leave it) if something changed it: all sides equal."""
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the GPU, so that wall-clock times cover the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def verdict_at_most(value: float, limit: float) -> str:
+    return "PASS" if value <= limit else "ABOVE TARGET"
+
+
+def proc_status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (VmRSS, VmHWM), or None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux >= 4.0
+    except OSError:
+        return False
+    return True
+
+
 def save_results(out_dir, name: str, result: dict, write_markdown: Callable[[Path, dict], None]) -> Path:
     """``result`` as ``<out_dir>/<name>.json`` and, through ``write_markdown``, ``<name>.md`` (atomic writes)."""
     from mtl.io import write_json

@@ -175,7 +175,7 @@ class Trainer:
             self.history["skipped_steps"] += 1
             return None
         weights = self.weighting.backward(losses, shared_params=self.shared_params, rep=rep)
-        self._sync_weighting_grads()
+        self._sync_unwrapped_grads()
         if self.config.grad_clip is not None:
             self.accelerator.clip_grad_norm_(self._trainable_parameters(), self.config.grad_clip)
         self.optimizer.step()
@@ -185,7 +185,7 @@ class Trainer:
     def _trainable_parameters(self):
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def _sync_weighting_grads(self):
+    def _sync_unwrapped_grads(self):
         # The weighting and the objective are not wrapped by DDP, so their parameters' gradients are averaged here.
         params = [] if self.objective.own_optimizer else list(self.objective.parameters())
         if not self.weighting.own_optimizer:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -57,3 +62,20 @@ def make_trainer(run_dir, train=None, test=None, trainer_cls=Trainer, weighting=
 @pytest.fixture
 def trainer_factory():
     return make_trainer
+
+
+DISTRIBUTED_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+                   "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                  os.environ.get("PYTHONPATH", "")])}
+
+
+def run_processes(worker: Path, args: list[str], processes: int, out: Path, port_base: int):
+    """Run ``worker`` as one plain process, or under ``torchrun`` with ``processes`` (gloo, CPU); load ``out``."""
+    if processes == 1:
+        command = [sys.executable, str(worker), *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", str(port_base + os.getpid() % 1000), str(worker), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=DISTRIBUTED_ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out, weights_only=True)

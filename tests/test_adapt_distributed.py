@@ -6,31 +6,20 @@ see each process's share only and are not expected to match.)
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_processes
+
 WORKER = Path(__file__).with_name("adapt_ddp_worker.py")
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-       "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 def run_worker(tmp_path, processes: int):
     out = tmp_path / f"{processes}.pt"
-    args = ["--batch-size", str(16 // processes), "--out", str(out)]
-    if processes == 1:
-        command = [sys.executable, str(WORKER), *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(29600 + os.getpid() % 1000), str(WORKER), *args]
-    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return run_processes(WORKER, ["--batch-size", str(16 // processes), "--out", str(out)], processes, out,
+                         port_base=29600)
 
 
 @pytest.fixture(scope="module")

@@ -6,30 +6,21 @@ would run only one here.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_processes
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def run_worker(tmp_path, processes: int, name: str, precision: str = "no"):
     out = tmp_path / f"{name}.pt"
     args = ["--batch-size", str(16 // processes), "--global-batch", "16", "--steps", "4",
             "--mixed-precision", precision, "--out", str(out)]
-    if processes == 1:
-        command = [sys.executable, str(WORKER), *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(29500 + os.getpid() % 1000), str(WORKER), *args]
-    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return run_processes(WORKER, args, processes, out, port_base=29500)
 
 
 @pytest.fixture(scope="module")

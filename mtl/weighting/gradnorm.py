@@ -89,8 +89,9 @@ class GradNormWeighting(Weighting):
         return weight_gradient_norms(inputs, output_grads) / self.num_processes
 
     def backward(self, losses, shared_params=None, rep=None):
-        L = self.stacked(losses)
-        norms = self.gradient_norms(self.ordered(losses), self.last_shared_weight(shared_params))
+        per_task = self.ordered(losses)
+        L = torch.stack(per_task)
+        norms = self.gradient_norms(per_task, self.last_shared_weight(shared_params))
         global_losses = self.all_mean(L.detach().float())
         if torch.isnan(self.initial_losses).any():
             self.initial_losses.copy_(global_losses)
