@@ -9,7 +9,8 @@ threads per process make step times swing by 2-10x; ``--threads 0`` keeps torch'
    Target: our step time / pytorch-adapt's step time <= 1.0.
 2. Steps/s of every adaptation method of ``adapt.methods`` (the registry's ``METHODS``, plus
    any of adda, dsn, rtn, cycada that the registry knows when the benchmark runs: ADDA's
-   stage 2 through ``build_adda``, the others through ``build_method``; a method whose
+   stage 2 through ``build_adda``, CyCADA's pixel stage through ``CycadaPixel`` (its feature
+   stage is ADDA's step), the others through ``build_method``; a method whose
    build or first step fails is skipped, with the reason) and of pytorch-adapt's DANN,
    relative to ``source_only``, on the same batches. No target.
 
@@ -170,6 +171,8 @@ RUNNER_NOTES = {
                    "same source batch)",
     "adda": "stage 2 (build_adda of an untrained source-only model): its train_step, one discriminator Adam step "
             "and one target-encoder step",
+    "cycada": "its pixel stage (CycadaPixel of an untrained source-only f_S): one generator step (GAN, cycle and "
+              "semantic losses through both generators and f_S) and one discriminator step; its feature stage is ADDA",
     PEER: "pytorch_adapt.adapters.DANN on copies of our DANN model's modules",
 }
 PEER_STEP = (
@@ -402,9 +405,10 @@ def build_parts(method: str, args, **options) -> tuple[nn.Module, nn.Module, dic
     The encoder is built first from ``args.seed`` (every copy starts from the same weights);
     ``build_method`` gets the encoder, image shape and class count when its signature takes
     them (DSN copies the encoder); the weights are the registry's ``PAPER_LOSS_WEIGHTS`` where
-    it has them, else 1 (the script's default ``--align-weight``). ADDA, which is not in
-    ``build_method``, is built with ``build_adda`` from an untrained source-only model (the
-    step's cost does not depend on the weights).
+    it has them, else 1 (the script's default ``--align-weight``). ADDA and CyCADA, which are
+    not in ``build_method``, start from an untrained source-only model (the step's cost does
+    not depend on the weights): ADDA's stage 2 from ``build_adda``, CyCADA's pixel stage as
+    ``CycadaPixel``.
     """
     label_task = classification_task("label", NUM_CLASSES)
     torch.manual_seed(args.seed)
@@ -416,6 +420,10 @@ def build_parts(method: str, args, **options) -> tuple[nn.Module, nn.Module, dic
         stage1 = build_model("source_only", encoder, NUM_CLASSES, hidden=args.label_hidden)
         model, objective = build_adda(stage1, **options)
         return objective, model, dict.fromkeys(objective.loss_names, 1.0)
+    if method == "cycada" and method not in METHODS:
+        stage1 = build_model("source_only", encoder, NUM_CLASSES, hidden=args.label_hidden)
+        objective = adapt_methods.CycadaPixel(label_task, stage1, channels=args.channels, **options)
+        return objective, stage1, dict.fromkeys(objective.loss_names, 1.0)
     accepted = inspect.signature(build_method).parameters
     extra = {"num_classes": NUM_CLASSES, "encoder": encoder, "image_shape": (args.channels, 28, 28)}
     extra = {k: v for k, v in extra.items() if k in accepted}

@@ -1,6 +1,8 @@
 """Shared encoders, built by name, offline with random weights unless asked otherwise.
 
 Names:
+- ``mlp``: a fully connected network on the flattened image (the two 100-unit ReLU
+  layers of the Split-/Permuted-MNIST continual benchmarks, e.g. Buzzega et al. 2020).
 - ``multilenet``: the LeNet-style encoder of Sener & Koltun (2018) for 28x28 inputs.
 - ``digitnet``: the digit feature extractor of Ganin et al. (JMLR 2016) for 28x28 or
   32x32 inputs (MNIST -> MNIST-M, SVHN -> MNIST).
@@ -22,6 +24,29 @@ from torch.nn import functional as F
 from .errors import ConfigError
 
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50")
+
+
+class MLPEncoder(nn.Module):
+    """Flatten, then Linear + ReLU layers of ``hidden`` widths; ``out_features`` is the last width."""
+
+    def __init__(self, in_channels: int = 1, size: int = 28, hidden: tuple[int, ...] = (100, 100)):
+        super().__init__()
+        if not hidden or any(int(h) <= 0 for h in hidden):
+            raise ConfigError(f"mlp hidden widths must be positive integers, got {hidden}.")
+        self.in_features = in_channels * size * size
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = self.in_features
+        for h in hidden:
+            layers += [nn.Linear(width, int(h)), nn.ReLU(inplace=True)]
+            width = int(h)
+        self.net = nn.Sequential(*layers)
+        self.out_features = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x[0].numel() != self.in_features:
+            raise ConfigError(f"this mlp was built for inputs of {self.in_features} values, got shape "
+                              f"{tuple(x.shape[1:])}; build it with the images' in_channels and size.")
+        return self.net(x)
 
 
 class MultiLeNetEncoder(nn.Module):
@@ -130,7 +155,7 @@ class SmpEncoder(nn.Module):
 
 
 def encoder_names() -> list[str]:
-    return ["multilenet", "digitnet", *TORCHVISION_RESNETS, "smp:<encoder name>"]
+    return ["mlp", "multilenet", "digitnet", *TORCHVISION_RESNETS, "smp:<encoder name>"]
 
 
 def build_encoder(name: str, in_channels: int | None = None, pretrained: bool = False, **options) -> nn.Module:
@@ -140,7 +165,11 @@ def build_encoder(name: str, in_channels: int | None = None, pretrained: bool = 
     multilenet, 3 (RGB) for the others.
     """
     if in_channels is None:
-        in_channels = 1 if name == "multilenet" else 3
+        in_channels = 1 if name in ("multilenet", "mlp") else 3
+    if name == "mlp":
+        if pretrained:
+            raise ConfigError("mlp has no pretrained weights; drop pretrained=True (--pretrained).")
+        return MLPEncoder(in_channels=in_channels, **options)
     if name == "multilenet":
         if pretrained:
             raise ConfigError("multilenet has no pretrained weights; drop pretrained=True (--pretrained).")

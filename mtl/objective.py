@@ -33,6 +33,9 @@ class Objective(nn.Module):
     def set_progress(self, progress: float) -> None:
         """Called before every step with the fraction of the run done, in [0, 1] (for schedules)."""
 
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step, gradients still in ``.grad`` (path integrals, online estimates)."""
+
     def lr_factor(self, progress: float) -> float | None:
         """A factor on every learning rate at this point of the run, or None to leave them alone."""
         return None

@@ -33,7 +33,7 @@ def plot_history(history: dict, path: str | Path, metric: str = "accuracy", titl
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return Path(path)
 
 
@@ -60,7 +60,7 @@ def plot_weight_trajectories(histories: dict[str, dict], path: str | Path, title
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return Path(path)
 
 
@@ -91,11 +91,11 @@ def plot_feature_projection(panels: dict[str, dict[str, torch.Tensor]], path: st
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return Path(path)
 
 
-def _save(fig, path) -> None:
+def save_figure(fig, path) -> None:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()

@@ -162,7 +162,8 @@ class Trainer:
         if self.objective.custom_step:
             return self.objective.train_step(self, batch)
         losses, rep = self.compute_losses(batch)
-        values = torch.stack([loss.detach().float() for loss in losses.values()])
+        # a loss may be a vector (GEM: one per past experience): the history keeps its sum
+        values = torch.stack([loss.detach().float().sum() for loss in losses.values()])
         if self.accelerator.num_processes > 1:  # every rank must agree on skipping
             values = self.accelerator.reduce(values, reduction="mean")
         values = dict(zip(losses, values.tolist()))
@@ -179,6 +180,7 @@ class Trainer:
         if self.config.grad_clip is not None:
             self.accelerator.clip_grad_norm_(self._trainable_parameters(), self.config.grad_clip)
         self.optimizer.step()
+        self.objective.after_step(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         return values, weights
 

@@ -106,12 +106,16 @@ def load_domains(args) -> dict:
     return {"source": source, "target": target, "target_test": build_domain(args.target, "test", **options)}
 
 
-def train_one(args, method: str, seed: int, domains: dict, run_dir: Path) -> tuple[dict, torch.nn.Module]:
-    """One run; returns its history and model. target_only pairs the labelled target split with itself."""
+def train_one(args, method: str, seed: int, domains: dict, run_dir: Path,
+              source_model: torch.nn.Module | None = None) -> tuple[dict, torch.nn.Module]:
+    """One run; returns its history and model. target_only pairs the labelled target split with itself.
+
+    ADDA and CyCADA start from ``source_model`` (a source_only model of the same seed and
+    settings, e.g. from the same --compare) when given, else train one in run_dir/stage1."""
     if method == "adda":
-        return train_adda(args, seed, domains, run_dir)
+        return train_adda(args, seed, domains, run_dir, stage1=source_model)
     if method == "cycada":
-        return train_cycada(args, seed, domains, run_dir)
+        return train_cycada(args, seed, domains, run_dir, classifier=source_model)
     label_task = classification_task("label", domains["source"].num_classes)
     torch.manual_seed(seed)
     encoder_options = {"size": args.size} if args.encoder == "digitnet" else {}
@@ -138,11 +142,12 @@ def train_adda(args, seed: int, domains: dict, run_dir: Path, stage1=None) -> tu
                domains["source"], config)
 
 
-def train_cycada(args, seed: int, domains: dict, run_dir: Path) -> tuple[dict, torch.nn.Module]:
+def train_cycada(args, seed: int, domains: dict, run_dir: Path, classifier=None) -> tuple[dict, torch.nn.Module]:
     """CyCADA: source_only classifier f_S (run_dir/stage1), pixel-level translation source -> target
     (run_dir/pixel), then a source_only classifier on the translated source (run_dir/translated) adapted
     to the target at the feature level by ADDA (run_dir) -- the paper's pixel + feature pipeline."""
-    _, classifier = train_one(args, "source_only", seed, domains, run_dir / "stage1")
+    if classifier is None:
+        _, classifier = train_one(args, "source_only", seed, domains, run_dir / "stage1")
     label_task = classification_task("label", domains["source"].num_classes)
     pixel = cycada_pixel(label_task, classifier, domains["source"], domains["target"])
     fit(args, "cycada_pixel", seed, domains, run_dir / "pixel", classifier, pixel,
@@ -212,9 +217,12 @@ def run(args) -> int:
     selected: dict[str, list[float]] = {}  # accuracy of the epoch the IM validator picks
     panels = {}
     for seed in seeds:
+        source_model = None  # this seed's source_only model, the starting point of adda and cycada
         for method in methods:
             run_dir = out / method / f"seed{seed}" if args.compare else out
-            history, model = train_one(args, method, seed, domains, run_dir)
+            history, model = train_one(args, method, seed, domains, run_dir, source_model)
+            if method == "source_only":
+                source_model = model
             accuracy.setdefault(method, []).append(target_accuracy(history))
             chosen = select_epoch(history, "information_maximization")
             selected.setdefault(method, []).append(target_accuracy(history, chosen))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("adapt_digits", ROOT / "scripts" / "adapt_digits.py")
@@ -55,6 +56,23 @@ def test_adda_trains_source_only_first_then_adapts(tmp_path, capsys):
     stage2 = json.loads((out / "history.json").read_text())
     assert stage1["losses"] == ["classification"] and stage2["losses"] == ["discriminator", "adversarial"]
     assert json.loads((out / "results.json").read_text())["rows"][0]["method"] == "adda"
+
+
+def test_compare_starts_adda_from_the_same_seeds_source_only_run(tmp_path, monkeypatch):
+    started_from = []
+    build_adda = adapt_digits.build_adda
+    monkeypatch.setattr(adapt_digits, "build_adda",
+                        lambda stage1, **o: started_from.append(stage1) or build_adda(stage1, **o))
+    trained = []
+    fit = adapt_digits.fit
+    monkeypatch.setattr(adapt_digits, "fit", lambda *a: trained.append(a[1]) or fit(*a))
+    out = tmp_path / "cmp"
+    assert adapt_digits.main(["--compare", "--methods", "source_only,adda", "--seeds", "0", "--source",
+                              "uci_digits", "--target", "mnist", "--out", str(out), *TINY]) == 0
+    assert trained == ["source_only", "adda"]  # no second source_only stage
+    assert not (out / "adda" / "seed0" / "stage1").exists()
+    source_weights = torch.load(out / "source_only" / "seed0" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, source_weights[k]) for k, v in started_from[0].state_dict().items())
 
 
 def test_cycada_runs_its_four_stages(tmp_path):

@@ -1,0 +1,163 @@
+"""The model a continual run trains, and how each setting reads its outputs.
+
+One ``MultiTaskModel`` serves the three settings (van de Ven & Tolias, 2019); the
+stream names the heads and maps labels to their outputs (``Stream.head_name``,
+``Stream.head_label``):
+
+- Task-IL: one head per task (``"task0"``, ``"task1"``, ... added with ``add_head`` when
+  the task first appears); the task id picks the head, at training and at test time.
+  Every head has the width of the stream's largest experience, so that the logits of a
+  mixed batch (replay) form one ``(N, width)`` tensor; a head's spare outputs are never
+  targets.
+- Class-IL: one head, ``"classifier"``, whose outputs grow by the new classes of every
+  experience (``IncrementalClassifier``); no task id at test time.
+- Domain-IL: one shared head, ``"classifier"``, over the labels of one experience.
+
+``ExperienceData`` yields ``(image, head target, task_id)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from mtl.model import MultiTaskModel
+
+
+class IncrementalClassifier(nn.Module):
+    """A linear classifier whose outputs grow; old rows keep their weights when it grows."""
+
+    def __init__(self, in_features: int, num_classes: int = 0):
+        super().__init__()
+        self.in_features = in_features
+        self.linear = nn.Linear(in_features, max(num_classes, 1))
+        self.num_classes = num_classes
+
+    def grow(self, num_classes: int) -> None:
+        if num_classes <= self.num_classes:
+            return
+        old = self.linear
+        self.linear = nn.Linear(self.in_features, num_classes).to(old.weight.device, old.weight.dtype)
+        if self.num_classes:
+            with torch.no_grad():
+                self.linear.weight[: self.num_classes] = old.weight[: self.num_classes]
+                self.linear.bias[: self.num_classes] = old.bias[: self.num_classes]
+        self.num_classes = num_classes
+
+    def forward(self, z):
+        return self.linear(z.flatten(1))[:, : self.num_classes]
+
+
+class ContinualLearner:
+    """The model of a run and the stream's setting: heads, logits and accuracy.
+
+    ``head_factory(in_features, num_outputs)`` builds a Task-IL / Domain-IL head (a linear
+    layer by default); strategies that need another classifier (LUCIR's cosine layer)
+    replace it. ``prepared`` is the last experience whose head or classes the model has.
+    """
+
+    def __init__(self, encoder: nn.Module, stream, head_factory=None):
+        self.stream, self.setting = stream, stream.setting
+        self.head_factory = head_factory or (lambda features, outputs: nn.Linear(features, outputs))
+        self.width = max(len(exp.classes) for exp in stream)
+        first = stream[0]
+        if self.setting == "class":
+            head = IncrementalClassifier(encoder.out_features)
+        else:
+            head = self.head_factory(encoder.out_features, self.width)
+        self.model = MultiTaskModel(encoder, {stream.head_name(first): head})
+        self.prepared = -1
+
+    # ----- structure -----------------------------------------------------------------------
+    def prepare(self, experience) -> None:
+        """Add what ``experience`` needs: its task's head (Task-IL) or its new classes (Class-IL)."""
+        name = self.stream.head_name(experience)
+        if self.setting == "task" and name not in self.model.heads:
+            device = next(self.model.parameters()).device
+            self.model.add_head(name, self.head_factory(self.model.encoder.out_features, self.width).to(device))
+        elif self.setting == "class":
+            self.model.heads[name].grow(self.stream.num_outputs(experience))
+        self.prepared = max(self.prepared, experience.index)
+
+    @property
+    def seen_classes(self) -> tuple[int, ...]:
+        return self.stream.classes_seen(self.prepared) if self.prepared >= 0 else ()
+
+    # ----- targets and outputs -------------------------------------------------------------
+    def head_names(self, task_ids: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """``[(head, mask of the batch rows it reads)]`` for a batch with these task ids."""
+        if self.setting != "task":
+            return [(self.stream.head_name(0), torch.ones_like(task_ids, dtype=torch.bool))]
+        return [(f"task{t}", task_ids == t) for t in torch.unique(task_ids).tolist()]
+
+    def logits(self, model, z: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """``(N, outputs)``: each row from the head its task id selects (one head outside Task-IL)."""
+        net = getattr(model, "module", model)
+        parts = self.head_names(task_ids)
+        if len(parts) == 1:
+            return net.heads[parts[0][0]](z)
+        out = None
+        for name, rows in parts:
+            logits = net.heads[name](z[rows])
+            if out is None:
+                out = logits.new_zeros(len(z), logits.shape[1])
+            out[rows] = logits
+        return out
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets, reduction=reduction)
+
+    @torch.no_grad()
+    def accuracy(self, model, experience, task_aware: bool = False, batch_size: int = 256) -> float:
+        """Accuracy (a fraction) on ``experience``'s test split; NaN where it cannot be measured yet.
+
+        Task-IL reads the experience's head, Domain-IL the shared one; Class-IL takes the
+        argmax over every class seen so far, or with ``task_aware`` over the experience's own
+        classes only: the Task-IL accuracy of the same Class-IL model (Buzzega et al. 2020).
+        """
+        if self.setting == "task" and self.stream.head_name(experience) not in self.model.heads:
+            return float("nan")  # no head yet
+        if self.setting == "class" and experience.index > self.prepared:
+            return float("nan")  # its classes have no outputs yet
+        net = getattr(model, "module", model)
+        was_training = net.training
+        net.eval()
+        device = next(net.parameters()).device
+        data = ExperienceData(experience, self, "test")
+        allowed = None
+        if task_aware and self.setting == "class":
+            allowed = torch.tensor(sorted(self.stream.head_label(experience, torch.tensor(experience.classes))
+                                          .tolist()), device=device)
+        correct = 0
+        for start in range(0, len(data), batch_size):
+            x, y, t = data.batch(range(start, min(start + batch_size, len(data))))
+            logits = self.logits(net, net.encode(x.to(device)), t.to(device))
+            predicted = allowed[logits[:, allowed].argmax(1)] if allowed is not None else logits.argmax(1)
+            correct += int((predicted.cpu() == y).sum())
+        net.train(was_training)
+        return correct / len(data)
+
+
+class ExperienceData(Dataset):
+    """``(image, head target, task id)`` for one split of an experience."""
+
+    def __init__(self, experience, learner: ContinualLearner, split: str = "train"):
+        self.data = experience.train if split == "train" else experience.test
+        self.task_id = experience.task_id
+        labels = getattr(self.data, "labels", None)
+        if labels is None:
+            labels = torch.tensor([int(self.data[i][1]) for i in range(len(self.data))])
+        self.targets = learner.stream.head_label(experience, labels.long())
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i][0], self.targets[i], self.task_id
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        indices = list(indices)
+        images = torch.stack([self.data[i][0] for i in indices])
+        return images, self.targets[indices], torch.full((len(indices),), self.task_id, dtype=torch.long)

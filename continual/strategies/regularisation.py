@@ -1,0 +1,188 @@
+"""Regularisation strategies: a quadratic pull towards the weights that solved past experiences.
+
+All of them add ``penalty = sum_k sum_i Omega_k,i (theta_i - theta*_k,i)^2`` over stored
+anchors k, and differ in the importance Omega and in how anchors are kept:
+
+- ``l2``: Omega = 1 (the baseline of Kirkpatrick et al. 2017, Fig. 2).
+- ``ewc``: Omega = the diagonal empirical Fisher on the experience's training data, one
+  anchor per experience (Kirkpatrick et al., PNAS 2017, eq. 3 and the multi-task
+  sum below it).
+- ``online_ewc``: one anchor, Fisher F <- gamma F + F_new (Schwarz et al., ICML 2018,
+  "Progress & Compress", section 2.3).
+- ``ewc_pp``: EWC++ (Chaudhry et al., ECCV 2018, eq. 6): one anchor, the Fisher a moving
+  average updated during training, F <- alpha F_batch + (1 - alpha) F.
+- ``mas``: Omega = mean over samples of |d ||f(x)||_2^2 / d theta| (Aljundi et al., ECCV
+  2018, eq. 4), accumulated over experiences, one anchor.
+- ``si``: the path integral omega = sum over steps of -g * delta theta, then
+  Omega += omega / (Delta^2 + xi) (Zenke et al., ICML 2017, eq. 5), one anchor.
+- ``rwalk``: EWC++'s Fisher plus the path score of Chaudhry et al. (2018, eq. 7-9).
+
+The loss weight is the method's coefficient: lambda / 2 for the Fisher methods (the
+papers' lambda/2 sum F (theta - theta*)^2), c for SI and lambda for MAS and RWalk,
+which have no 1/2. Parameters added after an anchor (a new head) are not penalised;
+a grown Class-IL head is penalised on its old rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from mtl.errors import ConfigError
+
+from ..fisher import empirical_fisher
+from .base import Strategy, named_trainable
+
+
+def _overlap(current: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """The part of ``current`` that ``anchor`` covers (a grown head keeps its old rows first)."""
+    if current.shape == anchor.shape:
+        return current
+    return current[tuple(slice(0, s) for s in anchor.shape)]
+
+
+def _positive(name: str, value: float) -> float:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}.")
+    return float(value)
+
+
+class QuadraticPenalty(Strategy):
+    """Base class: ``importance(learner, experience)`` gives Omega; ``separate`` keeps one anchor per experience."""
+
+    extra_loss_names = ("penalty",)
+    separate = False
+    half = True  # the penalty's coefficient is strength / 2
+
+    def __init__(self, strength: float = 1.0):
+        super().__init__()
+        self.strength = _positive(f"{self.name} strength", strength)
+        self.anchors: list[dict[str, torch.Tensor]] = []
+        self.importances: list[dict[str, torch.Tensor]] = []
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"penalty": self.strength / 2 if self.half else self.strength}
+
+    def importance(self, learner, experience) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def merge(self, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One anchor: the importance of past experiences plus the new one's."""
+        return {n: _add_into(v, old[n]) if n in old else v for n, v in new.items()}
+
+    def after_experience(self, learner, experience) -> None:
+        params = named_trainable(learner.model)
+        anchor = {n: p.detach().clone() for n, p in params.items()}
+        omega = {n: v.detach().clone() for n, v in self.importance(learner, experience).items()}
+        if self.separate or not self.anchors:
+            self.anchors.append(anchor)
+            self.importances.append(omega)
+        else:
+            self.anchors[0] = anchor
+            self.importances[0] = self.merge(self.importances[0], omega)
+
+    def extra_losses(self, learner, model, batch, z, logits):
+        params = named_trainable(model)
+        penalty = z.new_zeros(())
+        for anchor, omega in zip(self.anchors, self.importances):
+            for name, theta_star in anchor.items():
+                if name in params:
+                    penalty = penalty + (omega[name] * (_overlap(params[name], theta_star) - theta_star) ** 2).sum()
+        return {"penalty": penalty}
+
+    def get_extra_state(self):
+        return {"anchors": self.anchors, "importances": self.importances}
+
+    def set_extra_state(self, state) -> None:
+        self.anchors, self.importances = list(state["anchors"]), list(state["importances"])
+
+    def _apply(self, fn, *args, **kwargs):  # keep anchors on the model's device
+        super()._apply(fn, *args, **kwargs)
+        self.anchors = [{n: fn(t) for n, t in a.items()} for a in self.anchors]
+        self.importances = [{n: fn(t) for n, t in a.items()} for a in self.importances]
+        return self
+
+
+def _add_into(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """new + old on the entries old covers (all of them, unless a Class-IL head grew in between)."""
+    out = new.clone()
+    out[tuple(slice(0, s) for s in old.shape)] += old
+    return out
+
+
+def experience_fisher(learner, experience, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """The diagonal empirical Fisher of the learner's model on ``experience``'s training data (its head)."""
+    from ..learner import ExperienceData
+
+    head = learner.stream.head_name(experience)
+    loader = DataLoader(ExperienceData(experience, learner, "train"), batch_size=batch_size)
+    return empirical_fisher(getattr(learner.model, "module", learner.model), loader,
+                            lambda out, y: -F.cross_entropy(out[head].float(), y, reduction="none"))
+
+
+class L2(QuadraticPenalty):
+    name = "l2"
+
+    def importance(self, learner, experience):
+        return {n: torch.ones_like(p) for n, p in named_trainable(learner.model).items()}
+
+
+class EWC(QuadraticPenalty):
+    name = "ewc"
+    separate = True
+
+    def importance(self, learner, experience):
+        return experience_fisher(learner, experience)
+
+
+class OnlineEWC(QuadraticPenalty):
+    name = "online_ewc"
+
+    def __init__(self, strength: float = 1.0, gamma: float = 1.0):
+        super().__init__(strength)
+        if not 0 < gamma <= 1:
+            raise ConfigError(f"online EWC's gamma must be in (0, 1], got {gamma}.")
+        self.gamma = gamma
+
+    def importance(self, learner, experience):
+        return experience_fisher(learner, experience)
+
+    def merge(self, old, new):
+        return super().merge({n: self.gamma * v for n, v in old.items()}, new)
+
+
+class SI(QuadraticPenalty):
+    """Synaptic Intelligence: importance from each parameter's contribution to the loss drop.
+
+    omega is accumulated from the gradient the optimizer applied (``.grad`` after the full
+    backward, the penalty included) and the step it took, as the paper's running sum
+    -sum_t g(t) * delta_theta(t) along the actual training trajectory.
+    """
+
+    name = "si"
+    half = False
+
+    def __init__(self, strength: float = 1.0, xi: float = 0.1):
+        super().__init__(strength)
+        self.xi = _positive("SI's damping xi", xi)
+        self.start: dict[str, torch.Tensor] = {}
+        self.previous: dict[str, torch.Tensor] = {}
+        self.omega: dict[str, torch.Tensor] = {}
+
+    def before_experience(self, learner, experience) -> None:
+        params = named_trainable(learner.model)
+        self.start = {n: p.detach().clone() for n, p in params.items()}
+        self.previous = {n: p.detach().clone() for n, p in params.items()}
+        self.omega = {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def after_step(self, learner, model) -> None:
+        for name, p in named_trainable(model).items():
+            if p.grad is not None and name in self.omega:
+                now = p.detach()
+                self.omega[name] -= p.grad.detach() * (now - self.previous[name])
+                self.previous[name] = now.clone()
+
+    def importance(self, learner, experience):
+        params = named_trainable(learner.model)
+        return {n: self.omega[n] / ((params[n].detach() - self.start[n]) ** 2 + self.xi) for n in self.omega}

@@ -1,0 +1,127 @@
+"""The stream runner: accuracy matrix per setting, whole-run checkpoints, exact resume, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from continual.learner import ContinualLearner
+from continual.runner import StreamRunner
+from continual.scenarios import split_stream
+from continual.strategies import build_strategy
+from mtl.config import TrainerConfig
+from mtl.data.mnist import load_mnist
+from mtl.encoders import build_encoder
+from mtl.errors import CheckpointError, ConfigError
+
+
+def tiny_split(setting: str, per_class: int = 24, tasks: int = 3):
+    """Split-MNIST on the first ``tasks`` pairs of classes, ``per_class`` train images each (quarter as many test)."""
+    streams = []
+    for split, count in (("train", per_class), ("test", per_class // 4)):
+        images, labels = load_mnist(split)
+        keep = torch.cat([(labels == c).nonzero().flatten()[:count] for c in range(2 * tasks)])
+        streams += [images[keep], labels[keep]]
+    return split_stream(*streams, classes_per_task=2, setting=setting, name="tiny_split")
+
+
+def make_runner(tmp_path, setting="class", strategy="finetune", seed=0, overwrite=False, **options):
+    stream = tiny_split(setting)
+    torch.manual_seed(seed)
+    learner = ContinualLearner(build_encoder("mlp", in_channels=1, size=28, hidden=(32,)), stream)
+    config = TrainerConfig(epochs=2, batch_size=8, optimizer="sgd", lr=0.05, seed=seed, progress=False,
+                           tensorboard=False)
+    return StreamRunner(learner, build_strategy(strategy, **options), config, tmp_path / "run",
+                        run_config={"strategy": strategy}, overwrite=overwrite)
+
+
+@pytest.mark.parametrize("setting", ["task", "class", "domain"])
+def test_accuracy_matrix_fills_the_lower_triangle_and_the_model_learns(tmp_path, setting):
+    runner = make_runner(tmp_path, setting)
+    matrix = runner.run()
+    values = matrix.values
+    for i in range(3):
+        assert values[i, i] > 0.75, f"experience {i} barely learnt: {values}"  # 2 classes: chance is 0.5
+        assert all(values[i, j] == values[i, j] for j in range(i + 1))  # measured: seen experiences
+    if setting == "domain":  # the shared head measures unseen experiences too, and the baseline exists
+        assert not torch.isnan(torch.tensor(values)).any() and matrix.baseline is not None
+    else:
+        assert torch.isnan(torch.tensor(values[0, 1:])).all()
+    results = runner.results()
+    assert results["metrics"]["acc"] == pytest.approx(values[2].mean())
+    assert ("task_matrix" in results) == (setting == "class")
+    assert (tmp_path / "run" / "accuracy_matrix.json").is_file()
+
+
+def test_class_il_finetune_forgets_and_its_task_il_view_does_not_collapse(tmp_path):
+    runner = make_runner(tmp_path, "class")
+    runner.run()
+    results = runner.results()
+    # fine-tuning in Class-IL predicts the newest classes only: old experiences fall to ~0
+    assert results["metrics"]["forgetting"] > 0.5
+    assert results["task_metrics"]["acc"] > results["metrics"]["acc"] + 0.2
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("strategy, options", [("finetune", {}), ("er", {"buffer_size": 16}),
+                                               ("ewc", {"strength": 10.0}), ("lwf", {})])
+def test_a_run_killed_mid_experience_resumes_to_the_same_accuracy_matrix(tmp_path, monkeypatch, strategy, options):
+    reference = make_runner(tmp_path / "a", strategy=strategy, **options)
+    expected = reference.run().values
+    expected_weights = reference.learner.model.state_dict()
+
+    crashing = make_runner(tmp_path / "b", strategy=strategy, **options)
+    steps = {"n": 0}
+    original = type(crashing.strategy).after_step
+
+    def after_step(self, learner, model):
+        original(self, learner, model)
+        steps["n"] += 1
+        if steps["n"] == 18:  # in the middle of the second experience (12 steps per experience)
+            raise Crash()
+
+    monkeypatch.setattr(type(crashing.strategy), "after_step", after_step)
+    with pytest.raises(Crash):
+        crashing.run()
+    monkeypatch.setattr(type(crashing.strategy), "after_step", original)
+    resumed = make_runner(tmp_path / "b", strategy=strategy, **options)
+    got = resumed.run(resume=True).values
+    assert torch.equal(torch.tensor(got).nan_to_num(-1), torch.tensor(expected).nan_to_num(-1))
+    for name, value in resumed.learner.model.state_dict().items():
+        assert torch.equal(value, expected_weights[name]), name
+
+
+def test_resume_with_another_strategy_is_refused(tmp_path):
+    make_runner(tmp_path, strategy="finetune").run()
+    with pytest.raises(CheckpointError, match="strategy"):
+        make_runner(tmp_path, strategy="l2").run(resume=True)
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error_and_is_left_alone(tmp_path):
+    runner = make_runner(tmp_path)
+    runner.run()
+    runner.path.write_bytes(runner.path.read_bytes()[:100])
+    damaged = runner.path.read_bytes()
+    with pytest.raises(CheckpointError, match="corrupt"):
+        make_runner(tmp_path).run(resume=True)
+    assert runner.path.read_bytes() == damaged
+
+
+def test_a_finished_run_is_not_overwritten_without_asking(tmp_path):
+    make_runner(tmp_path).run()
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        make_runner(tmp_path).run()
+
+
+def test_a_strategy_refuses_a_setting_it_cannot_run_in():
+    from continual.strategies.base import Strategy
+
+    class TaskOnly(Strategy):
+        name = "task_only"
+        settings = ("task",)
+
+    with pytest.raises(ConfigError, match="cannot run in the class-incremental setting"):
+        TaskOnly().check(tiny_split("class"))
