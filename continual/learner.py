@@ -92,15 +92,25 @@ class ContinualLearner:
             return [(self.stream.head_name(0), torch.ones_like(task_ids, dtype=torch.bool))]
         return [(f"task{t}", task_ids == t) for t in torch.unique(task_ids).tolist()]
 
-    def logits(self, model, z: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """``(N, outputs)``: each row from the head its task id selects (one head outside Task-IL)."""
+    def encode(self, model, x: torch.Tensor, task_ids: torch.Tensor):
+        """The representation of ``x``, through the model's forward (under DDP only that averages the
+        encoder's gradients). A per-task encoder (PNN's columns) returns ``{head: representation}``."""
+        net = getattr(model, "module", model)
+        tasks = [name for name, _ in self.head_names(task_ids)] if getattr(net.encoder, "per_task", False) else []
+        return model(x, tasks=tasks, return_rep=True)[1]
+
+    def logits(self, model, z, task_ids: torch.Tensor) -> torch.Tensor:
+        """``(N, outputs)``: each row from the head its task id selects (one head outside Task-IL).
+
+        ``z``: a tensor, or ``{head: representation}`` from a per-task encoder."""
         net = getattr(model, "module", model)
         parts = self.head_names(task_ids)
         if len(parts) == 1:
-            return net.heads[parts[0][0]](z)
+            name = parts[0][0]
+            return net.heads[name](z[name] if isinstance(z, dict) else z)
         out = None
         for name, rows in parts:
-            logits = net.heads[name](z[rows])
+            logits = net.heads[name]((z[name] if isinstance(z, dict) else z)[rows])
             if out is None:
                 out = logits.new_zeros(len(z), logits.shape[1])
             out[rows] = logits
@@ -133,7 +143,8 @@ class ContinualLearner:
         correct = 0
         for start in range(0, len(data), batch_size):
             x, y, t = data.batch(range(start, min(start + batch_size, len(data))))
-            logits = self.logits(net, net.encode(x.to(device)), t.to(device))
+            t = t.to(device)
+            logits = self.logits(net, self.encode(net, x.to(device), t), t)
             predicted = allowed[logits[:, allowed].argmax(1)] if allowed is not None else logits.argmax(1)
             correct += int((predicted.cpu() == y).sum())
         net.train(was_training)

@@ -43,6 +43,7 @@ class StreamRunner:
     def __init__(self, learner: ContinualLearner, strategy: Strategy, config: TrainerConfig, run_dir,
                  run_config: dict | None = None, overwrite: bool = False):
         strategy.check(learner.stream)
+        strategy.configure(learner)
         self.learner, self.strategy, self.config = learner, strategy, config
         self.run_dir = Path(run_dir)
         self.run_config = dict(run_config or {})

@@ -4,6 +4,8 @@ A strategy is a small ``nn.Module`` (its state -- Fisher information, importance
 replay buffer -- goes into the run's checkpoints through ``get_extra_state``):
 
 - ``check(stream)``: refuse a setting the method cannot run in, with the reason;
+- ``configure(learner)``: once, before the run: architecture changes (a cosine classifier,
+  progressive columns);
 - ``before_experience(learner, experience)``: after the model got the experience's
   head / classes (snapshots of the old model, anchors);
 - ``train_data(learner, experience)``: what the experience trains on (the joint
@@ -48,6 +50,10 @@ class Strategy(nn.Module):
         if stream.setting not in self.settings:
             raise ConfigError(f"strategy '{self.name}' cannot run in the {stream.setting}-incremental setting "
                               f"(it supports: {', '.join(self.settings)}); choose another --setting or strategy.")
+
+    def configure(self, learner) -> None:
+        """Once, before the first experience (and before a resumed run loads its state): change the
+        learner's architecture here (LUCIR's cosine classifier, PNN's columns)."""
 
     def before_experience(self, learner, experience) -> None:
         pass
@@ -94,7 +100,7 @@ class ContinualObjective(Objective):
 
     def losses(self, model, batch):
         x, y, task_ids = batch
-        z = model(x, tasks=[], return_rep=True)[1]  # through forward: DDP averages the encoder's gradients
+        z = self.learner.encode(model, x, task_ids)
         logits = self.learner.logits(model, z, task_ids)
         losses = {CURRENT: self.learner.loss(logits, y)}
         losses.update(self.strategy.extra_losses(self.learner, model, batch, z, logits))

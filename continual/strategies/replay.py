@@ -31,8 +31,7 @@ from .base import CURRENT, Strategy, named_trainable
 
 
 def _logits_of(learner, model, inputs, task_ids):
-    z = model(inputs, tasks=[], return_rep=True)[1]
-    return learner.logits(model, z, task_ids)
+    return learner.logits(model, learner.encode(model, inputs, task_ids), task_ids)
 
 
 class Replay(Strategy):
