@@ -120,12 +120,14 @@ class ContinualLearner:
         return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
     @torch.no_grad()
-    def accuracy(self, model, experience, task_aware: bool = False, batch_size: int = 256) -> float:
+    def accuracy(self, model, experience, task_aware: bool = False, scores=None, batch_size: int = 256) -> float:
         """Accuracy (a fraction) on ``experience``'s test split; NaN where it cannot be measured yet.
 
         Task-IL reads the experience's head, Domain-IL the shared one; Class-IL takes the
         argmax over every class seen so far, or with ``task_aware`` over the experience's own
         classes only: the Task-IL accuracy of the same Class-IL model (Buzzega et al. 2020).
+        ``scores(model, x, task_ids)``: class scores to take the argmax of instead of the logits
+        (iCaRL's nearest-mean-of-exemplars classifier); None from it means "use the logits".
         """
         if self.setting == "task" and self.stream.head_name(experience) not in self.model.heads:
             return float("nan")  # no head yet
@@ -143,8 +145,10 @@ class ContinualLearner:
         correct = 0
         for start in range(0, len(data), batch_size):
             x, y, t = data.batch(range(start, min(start + batch_size, len(data))))
-            t = t.to(device)
-            logits = self.logits(net, self.encode(net, x.to(device), t), t)
+            x, t = x.to(device), t.to(device)
+            logits = scores(net, x, t) if scores is not None else None
+            if logits is None:
+                logits = self.logits(net, self.encode(net, x, t), t)
             predicted = allowed[logits[:, allowed].argmax(1)] if allowed is not None else logits.argmax(1)
             correct += int((predicted.cpu() == y).sum())
         net.train(was_training)

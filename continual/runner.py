@@ -112,7 +112,12 @@ class StreamRunner:
 
     def measure(self, matrix: AccuracyMatrix, after: int, task_aware: bool = False) -> list[float]:
         """Row ``after`` of ``matrix``: the accuracy on every experience (NaN where not measurable)."""
-        row = [self.learner.accuracy(self.learner.model, e, task_aware=task_aware) for e in self.learner.stream]
+        learner = self.learner
+
+        def scores(model, x, task_ids):
+            return self.strategy.scores(learner, model, x, task_ids)
+
+        row = [learner.accuracy(learner.model, e, task_aware=task_aware, scores=scores) for e in learner.stream]
         for j, accuracy in enumerate(row):
             if accuracy == accuracy:  # not NaN
                 matrix.record(after, j, accuracy)

@@ -15,7 +15,8 @@ replay buffer -- goes into the run's checkpoints through ``get_extra_state``):
 - ``weighting(learner, loss_names)``: how the losses become a gradient (a static sum by default;
   A-GEM and GEM project the gradient instead);
 - ``after_step(learner, model)``: after every optimizer step (path integrals);
-- ``after_experience(learner, experience)``: importances, Fisher, exemplars.
+- ``after_experience(learner, experience)``: importances, Fisher, exemplars;
+- ``scores(learner, model, x, task_ids)``: what evaluation takes the argmax of (None: the logits).
 
 ``ContinualObjective`` turns a strategy into the ``mtl.objective.Objective`` the
 Trainer runs, so every strategy trains through the one training loop.
@@ -73,6 +74,11 @@ class Strategy(nn.Module):
     def weighting(self, learner, loss_names: list[str]):
         weights = {CURRENT: 1.0, **self.loss_weights()}
         return build_weighting("static", loss_names, weights={n: weights[n] for n in loss_names})
+
+    def scores(self, learner, model, x, task_ids):
+        """Class scores for evaluation, or None to use the model's logits (iCaRL classifies by the
+        nearest mean of exemplars instead)."""
+        return None
 
     def after_step(self, learner, model) -> None:
         """After every optimizer step, gradients still present (SI's path integral, EWC++'s Fisher)."""
