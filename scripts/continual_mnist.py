@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="mlp: two 100-unit ReLU layers, as in the Split-MNIST literature (default: mlp)")
     g = p.add_argument_group("strategy")
     g.add_argument("--strategy", default="finetune", choices=list(STRATEGIES), help="(default: finetune)")
-    g.add_argument("--buffer-size", type=int, default=None, help="replay memory in samples (default: 200)")
+    g.add_argument("--buffer-size", type=int, default=None, help="replay memory in samples (default: 200; iCaRL / LUCIR exemplars: 2000)")
     g.add_argument("--strength", type=float, default=None,
                    help="regularisation strength: EWC / online EWC lambda, L2, SI's c (default: 1)")
     g.add_argument("--gamma-ewc", dest="ewc_gamma", type=float, default=None,
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--alpha", type=float, default=None, help="LwF's distillation weight; DER's logit weight")
     g.add_argument("--beta", type=float, default=None, help="DER++'s label weight on replayed samples")
     g.add_argument("--temperature", type=float, default=None, help="LwF's softmax temperature (default: 2)")
-    g.add_argument("--margin", type=float, default=None, help="GEM's margin on its constraints (default: 0)")
+    g.add_argument("--margin", type=float, default=None, help="GEM's margin on its constraints (default: 0); LUCIR's ranking margin (default: 0.5)")
     g.add_argument("--compare", action="store_true",
                    help="run every strategy of --strategies for every seed of --seeds and write one table")
     g.add_argument("--strategies", default=",".join(STRATEGIES),
@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def command_line_options(args) -> dict:
-    return {"buffer_size": args.buffer_size, "strength": args.strength, "gamma": args.ewc_gamma, "xi": args.xi,
+    return {"buffer_size": args.buffer_size, "memory_size": args.buffer_size, "strength": args.strength, "gamma": args.ewc_gamma, "xi": args.xi,
             "alpha": args.alpha, "beta": args.beta, "temperature": args.temperature, "margin": args.margin}
 
 

@@ -14,14 +14,13 @@ from mtl.errors import ConfigError
 
 from .base import CURRENT, ContinualObjective, Strategy, named_trainable
 from .baselines import FineTune, Joint
+from .class_incremental import LUCIR, ICaRL
 from .distillation import LwF
 from .regularisation import EWC, L2, SI, OnlineEWC, QuadraticPenalty
-from .replay import AGEM, DER, ER, GEM, DERPlusPlus, Replay
+from .replay import AGEM, DER, ER, GEM, DERPlusPlus
 
-_CLASSES = [FineTune, Joint, L2, EWC, OnlineEWC, SI, LwF, ER, AGEM, GEM, DER, DERPlusPlus]
+_CLASSES = [FineTune, Joint, L2, EWC, OnlineEWC, SI, LwF, ER, AGEM, GEM, DER, DERPlusPlus, ICaRL, LUCIR]
 STRATEGIES = {cls.name: cls for cls in _CLASSES}
-#: strategies that keep a replay memory (they take buffer_size)
-REPLAY = tuple(name for name, cls in STRATEGIES.items() if issubclass(cls, Replay))
 
 
 def strategy_options(name: str) -> dict[str, object]:
@@ -42,6 +41,6 @@ def build_strategy(name: str, **options) -> Strategy:
     return STRATEGIES[name](**{k: v for k, v in options.items() if k in accepted and v is not None})
 
 
-__all__ = ["AGEM", "CURRENT", "ContinualObjective", "DER", "DERPlusPlus", "ER", "EWC", "FineTune", "GEM", "Joint",
-           "L2", "LwF", "OnlineEWC", "QuadraticPenalty", "REPLAY", "SI", "STRATEGIES", "Strategy", "build_strategy",
+__all__ = ["AGEM", "CURRENT", "ContinualObjective", "DER", "DERPlusPlus", "ER", "EWC", "FineTune", "GEM", "ICaRL", "Joint", "LUCIR",
+           "L2", "LwF", "OnlineEWC", "QuadraticPenalty", "SI", "STRATEGIES", "Strategy", "build_strategy",
            "named_trainable", "strategy_options"]
