@@ -74,9 +74,14 @@ class ContinualLearner:
     def prepare(self, experience) -> None:
         """Add what ``experience`` needs: its task's head (Task-IL) or its new classes (Class-IL)."""
         name = self.stream.head_name(experience)
-        if self.setting == "task" and name not in self.model.heads:
-            device = next(self.model.parameters()).device
-            self.model.add_head(name, self.head_factory(self.model.encoder.out_features, self.width).to(device))
+        if self.setting == "task":
+            seen = {self.stream[i].task_id for i in range(self.prepared + 1)}
+            add_task = getattr(self.model.encoder, "add_task", None)
+            if add_task is not None and experience.task_id not in seen:
+                add_task(name)  # an encoder with a part per task (PNN's columns)
+            if name not in self.model.heads:
+                device = next(self.model.parameters()).device
+                self.model.add_head(name, self.head_factory(self.model.encoder.out_features, self.width).to(device))
         elif self.setting == "class":
             self.model.heads[name].grow(self.stream.num_outputs(experience))
         self.prepared = max(self.prepared, experience.index)
@@ -112,7 +117,7 @@ class ContinualLearner:
         for name, rows in parts:
             logits = net.heads[name]((z[name] if isinstance(z, dict) else z)[rows])
             if out is None:
-                out = logits.new_zeros(len(z), logits.shape[1])
+                out = logits.new_zeros(len(task_ids), logits.shape[1])
             out[rows] = logits
         return out
 

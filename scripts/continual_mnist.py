@@ -61,7 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="online EWC's decay of the old Fisher (default: 1)")
     g.add_argument("--xi", type=float, default=None, help="SI's damping (default: 0.1)")
     g.add_argument("--alpha", type=float, default=None, help="LwF's distillation weight; DER's logit weight")
-    g.add_argument("--beta", type=float, default=None, help="DER++'s label weight on replayed samples")
+    g.add_argument("--beta", type=float, default=None,
+                   help="DER++'s label weight on replayed samples; LwM's distillation weight")
+    g.add_argument("--attention", type=float, default=None, help="LwM's attention-distillation weight (default: 1)")
+    g.add_argument("--ewc-alpha", dest="ewc_alpha", type=float, default=None,
+                   help="EWC++ / RWalk: weight of the newest batch in the Fisher's moving average (default: 0.9)")
     g.add_argument("--temperature", type=float, default=None, help="LwF's softmax temperature (default: 2)")
     g.add_argument("--margin", type=float, default=None, help="GEM's margin on its constraints (default: 0); LUCIR's ranking margin (default: 0.5)")
     g.add_argument("--compare", action="store_true",
@@ -69,14 +73,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--strategies", default=",".join(STRATEGIES),
                    help="strategies for --compare (default: all)")
     g.add_argument("--seeds", default="0,1,2", help="seeds for --compare (default: 0,1,2)")
-    add_optimisation_arguments(p, epochs=1, batch_size=32, lr=0.03, optimizer="sgd")
+    add_optimisation_arguments(p, epochs=5, batch_size=10, lr=0.03, optimizer="sgd")
     add_output_arguments(p, "runs/continual")
     return check_common(p, p.parse_args(argv))
 
 
-def command_line_options(args) -> dict:
-    return {"buffer_size": args.buffer_size, "memory_size": args.buffer_size, "strength": args.strength, "gamma": args.ewc_gamma, "xi": args.xi,
-            "alpha": args.alpha, "beta": args.beta, "temperature": args.temperature, "margin": args.margin}
+def command_line_options(args, name: str) -> dict:
+    """The strategy options on the command line, under the names strategy ``name`` takes them."""
+    moving_average = name in ("ewc_pp", "rwalk")  # their alpha is the Fisher's moving-average weight
+    return {"buffer_size": args.buffer_size, "memory_size": args.buffer_size, "strength": args.strength,
+            "gamma": args.ewc_gamma, "xi": args.xi, "alpha": args.ewc_alpha if moving_average else args.alpha,
+            "beta": args.beta, "attention": args.attention, "temperature": args.temperature, "margin": args.margin}
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -97,7 +104,7 @@ def load_stream(args, seed: int):
 def options_for(name: str, args, seed: int) -> dict:
     """The command line's strategy options that ``name`` takes (the others are for other strategies)."""
     taken = strategy_options(name)
-    options = {k: v for k, v in command_line_options(args).items() if k in taken and v is not None}
+    options = {k: v for k, v in command_line_options(args, name).items() if k in taken and v is not None}
     if "seed" in taken:
         options["seed"] = seed
     return options

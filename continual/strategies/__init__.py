@@ -16,10 +16,13 @@ from .base import CURRENT, ContinualObjective, Strategy, named_trainable
 from .baselines import FineTune, Joint
 from .class_incremental import LUCIR, ICaRL
 from .distillation import LwF
+from .importance import MAS, EWCPlusPlus, RWalk
+from .lwm import LwM
+from .progressive import PNN
 from .regularisation import EWC, L2, SI, OnlineEWC, QuadraticPenalty
 from .replay import AGEM, DER, ER, GEM, DERPlusPlus
 
-_CLASSES = [FineTune, Joint, L2, EWC, OnlineEWC, SI, LwF, ER, AGEM, GEM, DER, DERPlusPlus, ICaRL, LUCIR]
+_CLASSES = [FineTune, Joint, L2, EWC, OnlineEWC, EWCPlusPlus, SI, MAS, RWalk, LwF, ER, AGEM, GEM, DER, DERPlusPlus, ICaRL, LUCIR, LwM, PNN]
 STRATEGIES = {cls.name: cls for cls in _CLASSES}
 
 
@@ -41,6 +44,6 @@ def build_strategy(name: str, **options) -> Strategy:
     return STRATEGIES[name](**{k: v for k, v in options.items() if k in accepted and v is not None})
 
 
-__all__ = ["AGEM", "CURRENT", "ContinualObjective", "DER", "DERPlusPlus", "ER", "EWC", "FineTune", "GEM", "ICaRL", "Joint", "LUCIR",
-           "L2", "LwF", "OnlineEWC", "QuadraticPenalty", "SI", "STRATEGIES", "Strategy", "build_strategy",
+__all__ = ["AGEM", "CURRENT", "ContinualObjective", "DER", "DERPlusPlus", "ER", "EWC", "EWCPlusPlus", "FineTune", "GEM", "ICaRL",
+           "Joint", "LUCIR", "L2", "LwF", "LwM", "MAS", "OnlineEWC", "PNN", "QuadraticPenalty", "RWalk", "SI", "STRATEGIES", "Strategy", "build_strategy",
            "named_trainable", "strategy_options"]
