@@ -31,7 +31,7 @@ library's own code from the global RNG, so both sides here take them from one se
 (a small subclass of each library's class that overwrites the new rows): every run of
 either side starts every unit from the same weights.
 
-Optimisation (the script's defaults): ``--epochs`` 1 per experience, ``--batch-size`` 32,
+Optimisation (``scripts/continual_mnist.py``'s defaults): ``--epochs`` 5 per experience, ``--batch-size`` 10,
 SGD lr ``--lr`` 0.03 with momentum 0.9 (our TrainerConfig's SGD momentum; Avalanche gets
 ``torch.optim.SGD(lr, momentum=0.9)``), weight decay 0, momentum reset at each experience
 (our runner builds one Trainer, hence one optimizer, per experience; Avalanche is given
@@ -87,7 +87,8 @@ killed run resumable, and it is part of the time measured. Avalanche writes noth
 runner's one line per experience goes to an in-memory buffer.
 
 How it is measured (wall clock, ``time.perf_counter``): each (strategy, side) pair first
-runs ``--warmup`` untimed stream(s) (first-call costs: imports, torch.func set-up). Then
+runs ``--warmup`` untimed stream(s) with one epoch per experience (first-call costs:
+imports, torch.func set-up). Then
 ``--rounds`` rounds; in each, every strategy runs ours then Avalanche's (Avalanche first in
 odd rounds), one whole stream each. A figure is the median over rounds; the ratio is our
 median over Avalanche's (per-round ratios are reported too). The global RNGs are seeded
@@ -169,6 +170,7 @@ STRATEGIES = ("finetune", "ewc", "er", "lwf")
 SETTINGS = ("class", "task")
 TARGET = 0.5  # our stream time / Avalanche's stream time
 NOISY_SPREAD = 1.5
+WARMUP_EPOCHS = 1  # warm-up streams pay the first-call costs; one epoch per experience is enough for that
 EVAL_BATCH = 256  # ContinualLearner.accuracy's batch size; Avalanche's eval_mb_size
 MOMENTUM = TrainerConfig().momentum  # what our SGD uses (0.9)
 PEER_DIR = Path(__file__).resolve().parent / ".peer" / "avalanche-lib"
@@ -242,10 +244,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated, from {', '.join(STRATEGIES)}")
     p.add_argument("--setting", choices=SETTINGS, default="class",
                    help="class: one growing head, no task id (Class-IL); task: a head per experience (Task-IL)")
-    p.add_argument("--rounds", type=int, default=20, help="timed rounds (each: every strategy, both sides, once)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed stream runs of each (strategy, side) first")
-    p.add_argument("--epochs", type=int, default=1, help="epochs per experience (the script's default)")
-    p.add_argument("--batch-size", type=int, default=32, help="training batch (the script's default)")
+    p.add_argument("--rounds", type=int, default=6, help="timed rounds (each: every strategy, both sides, once)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help=f"untimed stream runs ({WARMUP_EPOCHS} epoch per experience) of each (strategy, side) first")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per experience (the script's default)")
+    p.add_argument("--batch-size", type=int, default=10, help="training batch (the script's default)")
     p.add_argument("--lr", type=float, default=0.03, help=f"SGD learning rate (momentum {MOMENTUM}; the script's "
                                                           "default)")
     p.add_argument("--strength", type=float, default=None,
@@ -391,8 +394,8 @@ class Setup:
             "train_sizes": [len(e.train) for e in s],
             "test_sizes": [len(e.test) for e in s],
             "model": (f"build_encoder('mlp', in_channels={self.encoder_kwargs['in_channels']}, size="
-                      f"{self.encoder_kwargs['size']}) (784-100-100, ReLU; seed {self.args.seed}, its state dict copied "
-                      "into every run) + "
+                      f"{self.encoder_kwargs['size']}) (784-100-100, ReLU; seed {self.args.seed}, its state dict "
+                      "copied into every run) + "
                       + ("a growing linear classifier (ours: IncrementalClassifier; Avalanche: IncrementalClassifier, "
                          "masked units)" if s.setting == "class" else
                          f"a linear head 100 -> {self.width} per task (ours: head_factory; Avalanche: "
@@ -439,22 +442,26 @@ def table_head_factory(setup: Setup):
     return factory
 
 
-def our_run(setup: Setup, name: str, tmp_dir) -> tuple[float, list[list[float]]]:
+def our_learner(setup: Setup) -> ContinualLearner:
+    """The learner of one run: the seeded encoder's weights, heads whose units come from the table."""
+    encoder = setup.encoder()
+    if setup.stream.setting == "task":
+        return ContinualLearner(encoder, setup.stream, head_factory=table_head_factory(setup))
+    learner = ContinualLearner(encoder, setup.stream)
+    learner.model.heads[setup.stream.head_name(0)] = TableIncrementalClassifier(encoder.out_features, setup.table)
+    return learner
+
+
+def our_run(setup: Setup, name: str, tmp_dir, epochs: int) -> tuple[float, list[list[float]]]:
     """One whole stream with our StreamRunner: (wall seconds, accuracy rows after each experience)."""
     args = setup.args
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-avalanche-{name}-", dir=tmp_dir))
     sink = io.StringIO()
     try:
         started = time.perf_counter()
-        encoder = setup.encoder()
-        if setup.stream.setting == "task":
-            learner = ContinualLearner(encoder, setup.stream, head_factory=table_head_factory(setup))
-        else:
-            learner = ContinualLearner(encoder, setup.stream)
-            learner.model.heads[setup.stream.head_name(0)] = TableIncrementalClassifier(encoder.out_features,
-                                                                                        setup.table)
+        learner = our_learner(setup)
         strategy = build_strategy(name, **setup.options[name])
-        config = TrainerConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer="sgd", lr=args.lr,
+        config = TrainerConfig(epochs=epochs, batch_size=args.batch_size, optimizer="sgd", lr=args.lr,
                                seed=args.seed, progress=False, tensorboard=False, cpu=True)
         runner = StreamRunner(learner, strategy, config, run_dir / "run",
                               run_config={"strategy": name, "setting": setup.stream.setting, **setup.options[name]})
@@ -580,13 +587,13 @@ class AvalancheSide:
             return self.classes["task"](features, setup.features, setup.width)
         return self.classes["class"](features, setup.features, len(setup.stream[0].classes))
 
-    def strategy(self, name: str, model: nn.Module):
+    def strategy(self, name: str, model: nn.Module, epochs: int):
         m, args, options = self.mods, self.setup.args, self.setup.options[name]
         training, plugins = m["avalanche.training"], m["avalanche.training.plugins"]
         evaluator = plugins.EvaluationPlugin(m["avalanche.evaluation.metrics"].accuracy_metrics(experience=True),
                                              loggers=[])
         common = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM),
-                      criterion=nn.CrossEntropyLoss(), train_mb_size=args.batch_size, train_epochs=args.epochs,
+                      criterion=nn.CrossEntropyLoss(), train_mb_size=args.batch_size, train_epochs=epochs,
                       eval_mb_size=EVAL_BATCH, device="cpu", evaluator=evaluator, eval_every=-1)
         if name == "finetune":
             return training.Naive(**common)
@@ -600,7 +607,7 @@ class AvalancheSide:
             return training.LwF(alpha=options["alpha"], temperature=options["temperature"], **common)
         raise ValueError(f"no Avalanche counterpart for {name!r}")
 
-    def run(self, name: str) -> tuple[float, list[list[float]]]:
+    def run(self, name: str, epochs: int) -> tuple[float, list[list[float]]]:
         """One whole stream with Avalanche: (wall seconds, accuracy rows after each experience)."""
         with warnings.catch_warnings():
             # Avalanche's @deprecated wrapper turns DeprecationWarning back on at every call (ReplayPlugin calls
@@ -608,7 +615,7 @@ class AvalancheSide:
             warnings.simplefilter("ignore")
             warnings.showwarning = _no_show
             started = time.perf_counter()
-            strategy = self.strategy(name, self.model())
+            strategy = self.strategy(name, self.model(), epochs)
             test = self.benchmark.test_stream
             rows = []
             for i, experience in enumerate(self.benchmark.train_stream):
@@ -620,6 +627,28 @@ class AvalancheSide:
 
 def _no_show(*args, **kwargs) -> None:
     """A ``warnings.showwarning`` that prints nothing."""
+
+
+@torch.no_grad()
+def same_start_check(setup: Setup, peer: AvalancheSide) -> dict:
+    """Both untrained models, given each experience's head or classes in turn (no training in between), give the
+    same logits on that experience's first test images: every unit starts from the same weights on both sides."""
+    adapt = peer.mods["avalanche.models"].utils.avalanche_model_adaptation
+    learner, model = our_learner(setup), peer.model()
+    model.train()  # Avalanche marks a new class's unit active only in training mode
+    worst, task = 0.0, setup.stream.setting == "task"
+    for ours, theirs in zip(setup.stream, peer.benchmark.train_stream):
+        learner.prepare(ours)
+        adapt(model, theirs)
+        x = torch.stack([ours.test[i][0] for i in range(min(64, len(ours.test)))])
+        t = torch.full((len(x),), ours.task_id, dtype=torch.long)
+        mine = learner.logits(learner.model, learner.encode(learner.model, x, t), t)
+        other = model(x, t) if task else model(x)
+        width = mine.shape[1] if not task else len(ours.classes)
+        worst = max(worst, float((mine[:, :width] - other[:, :width]).abs().max()))
+    return {"max_abs_logit_diff": worst, "same": worst <= 1e-5,
+            "what": "logits of both untrained models on the first 64 test images of each experience, after each "
+                    "side added that experience's head or classes"}
 
 
 def experience_accuracies(metrics: dict, count: int) -> list[float]:
@@ -644,14 +673,14 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def one_run(side: str, name: str, setup: Setup, peer: AvalancheSide | None, threads: int) -> dict:
+def one_run(side: str, name: str, setup: Setup, peer: AvalancheSide | None, threads: int, epochs: int) -> dict:
     ensure_threads(threads)
     gc.collect()
     seed_everything(setup.args.seed)
     if side == "ours":
-        seconds, rows = our_run(setup, name, setup.args.tmp_dir)
+        seconds, rows = our_run(setup, name, setup.args.tmp_dir, epochs)
     else:
-        seconds, rows = peer.run(name)
+        seconds, rows = peer.run(name, epochs)
     return {"seconds": seconds, "rows": rows, "acc": statistics.fmean(rows[-1])}
 
 
@@ -665,16 +694,16 @@ def measure(setup: Setup, peer: AvalancheSide | None, threads: int) -> tuple[dic
     for w in range(args.warmup):
         for name in args.strategies:
             for side in sides:
-                run = one_run(side, name, setup, peer, threads)
+                run = one_run(side, name, setup, peer, threads, WARMUP_EPOCHS)
                 warm[name][side].append(run)
-                print(f"  warm-up {w + 1}/{args.warmup} {name:<8} {side:<9} {run['seconds']:6.2f} s  "
-                      f"ACC {100 * run['acc']:5.2f} %", flush=True)
+                print(f"  warm-up {w + 1}/{args.warmup} ({WARMUP_EPOCHS} epoch) {name:<8} {side:<9} "
+                      f"{run['seconds']:6.2f} s  ACC {100 * run['acc']:5.2f} %", flush=True)
     for r in range(args.rounds):
         order = sides if r % 2 == 0 else tuple(reversed(sides))
         parts = []
         for name in args.strategies:
             for side in order:
-                timed[name][side].append(one_run(side, name, setup, peer, threads))
+                timed[name][side].append(one_run(side, name, setup, peer, threads, args.epochs))
             parts.append(f"{name} " + " / ".join(f"{timed[name][s][-1]['seconds']:.2f}" for s in sides))
         print(f"  round {r + 1}/{args.rounds} (s, {' / '.join(sides)}): " + ", ".join(parts), flush=True)
     return warm, timed
@@ -736,7 +765,8 @@ def table_rows(result: dict) -> list[tuple[str, ...]]:
     for name, e in result["strategies"].items():
         o, a, r = e["ours"], e.get("avalanche"), e["ratio"]
         skipped = r["verdict"] == "SKIPPED"
-        rows.append((name, AVALANCHE_NAME_SHORT[name], f"{o['median_s']:.2f}", "" if skipped else f"{a['median_s']:.2f}",
+        rows.append((name, AVALANCHE_NAME_SHORT[name], f"{o['median_s']:.2f}",
+                     "" if skipped else f"{a['median_s']:.2f}",
                      "" if skipped else f"{r['value']:.3f}", "SKIPPED" if skipped else r["verdict"],
                      acc_cell(o), acc_cell(a),
                      "" if skipped else ", ".join(f"{x:.2f}" for x in r["round_ratios"])))
@@ -763,7 +793,8 @@ def write_markdown(path: Path, result: dict) -> None:
             f"{n} {', '.join(f'{k}={v}' for k, v in o.items() if k != 'seed') or '-'}"
             for n, o in cfg["strategy_options"].items()) + ".",
         "",
-        f"{cfg['warmup']} untimed warm-up stream(s) per (strategy, side), then {cfg['rounds']} rounds; in each, every "
+        f"{cfg['warmup']} untimed warm-up stream(s) ({WARMUP_EPOCHS} epoch per experience) per (strategy, side), then "
+        f"{cfg['rounds']} rounds; in each, every "
         "strategy runs ours then Avalanche's (swapped in odd rounds), one whole stream each (model and strategy built, "
         "five experiences trained, evaluation after each). Times: median over rounds; ratio: median of ours over "
         "median of Avalanche's. ACC: mean accuracy over the five experiences after the last one (the same in every "
@@ -852,6 +883,10 @@ def main(argv=None) -> int:
         print(f"avalanche: {peer_reason}\n  pip command: {shlex.join(install_command(args.peer_dir))}\n"
               "  the comparison is SKIPPED; our side is still measured", flush=True)
     print(f"data: {setup.describe()['stream']}", flush=True)
+    check = same_start_check(setup, peer) if peer is not None else None
+    if check:
+        print(f"same start: largest logit difference between the untrained models {check['max_abs_logit_diff']:.1e}: "
+              f"{'same' if check['same'] else 'DIFFERENT'}", flush=True)
 
     warm, timed = measure(setup, peer, threads)
     load_end = load_average()
@@ -860,9 +895,11 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "avalanche",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "benchmarks/bench_vs_avalanche.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python", "benchmarks/bench_vs_avalanche.py",
+                               *(sys.argv[1:] if argv is None else argv)]),
         "config": {"strategies": args.strategies, "setting": args.setting, "rounds": args.rounds,
-                   "warmup": args.warmup, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                   "warmup": args.warmup, "warmup_epochs": WARMUP_EPOCHS, "epochs": args.epochs,
+                   "batch_size": args.batch_size, "lr": args.lr,
                    "momentum": MOMENTUM, "optimizer": "sgd", "eval_batch_size": EVAL_BATCH, "seed": args.seed,
                    "threads": args.threads, "device": "cpu",
                    "strategy_options": {n: setup.options[n] for n in args.strategies},
@@ -878,6 +915,7 @@ def main(argv=None) -> int:
         "noisy": bool(noisy),
         "noisy_reasons": noisy,
         "target": f"our whole-stream time / Avalanche's <= {TARGET} (per strategy)",
+        "same_start_check": check,
         "strategies": figs,
         "warmup_runs": {n: {s: [{"seconds": r["seconds"], "acc": r["acc"]} for r in runs] for s, runs in by.items()}
                         for n, by in warm.items()},

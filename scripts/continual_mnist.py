@@ -34,7 +34,7 @@ from continual.strategies import STRATEGIES, build_strategy, strategy_options  #
 from mtl.cli import (add_optimisation_arguments, add_output_arguments, check_common, mean_std_cell,  # noqa: E402
                      parse_seeds, script_main, trainer_config, write_results)
 from mtl.encoders import build_encoder  # noqa: E402
-from mtl.errors import ConfigError  # noqa: E402
+from mtl.errors import ConfigError, NonFiniteLossError  # noqa: E402
 
 SCENARIOS = ("split", "permuted", "rotated")
 DATASETS = ("mnist", "uci_digits", "cifar10", "cifar100")
@@ -136,6 +136,12 @@ def cell(values: list) -> str:
     return mean_std_cell([100 * v for v in values]) if values else "-"
 
 
+def diverged(results: list[dict]) -> str:
+    """' (k of n runs diverged)' when some runs of a --compare row stopped on a non-finite loss."""
+    failed = [r for r in results if r.get("diverged")]
+    return f" ({len(failed)} of {len(results)} runs diverged)" if failed else ""
+
+
 def results_table(args, rows: dict[str, list[dict]]) -> str:
     runs = f"mean ± std over seeds {args.seeds}" if args.compare else f"seed {args.seed}"
     task_too = args.setting == "class"
@@ -144,9 +150,13 @@ def results_table(args, rows: dict[str, list[dict]]) -> str:
     lines = [f"{args.scenario}_{args.dataset}, {args.setting}-IL, {args.encoder}, {args.epochs} epoch(s) per "
              f"experience, batch {args.batch_size}, {args.optimizer} lr {args.lr}, {runs}", "", head,
              "|---|" + "---:|" * (head.count("|") - 2)]
-    for name, results in rows.items():
+    for name, all_results in rows.items():
+        results = [r for r in all_results if not r.get("diverged")]
+        if not results:
+            lines.append(f"| {name}{diverged(all_results)} |" + " - |" * (head.count("|") - 2))
+            continue
         metrics = [r["metrics"] for r in results]
-        line = f"| {name} | {cell([m['acc'] for m in metrics])} | {cell([m['bwt'] for m in metrics])} | " \
+        line = f"| {name}{diverged(all_results)} | {cell([m['acc'] for m in metrics])} | {cell([m['bwt'] for m in metrics])} | " \
                f"{cell([m['forgetting'] for m in metrics])} |"
         if task_too:
             line += f" {cell([r['task_metrics']['acc'] for r in results])} |"
@@ -164,7 +174,15 @@ def run(args) -> int:
         for name in names:
             run_dir = out / name / f"seed{seed}" if args.compare else out
             print(f"== {name}, seed {seed} ==", flush=True)
-            rows.setdefault(name, []).append(run_one(args, name, seed, run_dir))
+            try:
+                result = run_one(args, name, seed, run_dir)
+            except NonFiniteLossError as e:
+                if not args.compare:
+                    raise
+                # one diverging strategy must not cost the others' runs: the table says so
+                print(f"{name}, seed {seed}: diverged ({e})", flush=True)
+                result = {"diverged": str(e)}
+            rows.setdefault(name, []).append(result)
     write_results(out, results_table(args, rows), {"rows": rows, "args": vars(args)})
     return 0
 

@@ -54,3 +54,24 @@ def test_resume_of_a_finished_run_keeps_its_results(tmp_path):
 def test_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
     assert continual_mnist.main([*args, "--out", str(tmp_path / "x"), *FAST]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_diverging_strategy_is_reported_and_does_not_stop_the_comparison(tmp_path, monkeypatch):
+    from mtl.errors import NonFiniteLossError
+
+    run_one = continual_mnist.run_one
+
+    def flaky(args, name, seed, out):
+        if name == "l2":
+            raise NonFiniteLossError("penalty", 29, float("nan"), None)
+        return run_one(args, name, seed, out)
+
+    monkeypatch.setattr(continual_mnist, "run_one", flaky)
+    out = tmp_path / "cmp"
+    assert continual_mnist.main(["--compare", "--strategies", "l2,finetune", "--seeds", "0", "--setting", "task",
+                                 "--out", str(out), *FAST]) == 0
+    table = (out / "results.md").read_text()
+    assert "| l2 (1 of 1 runs diverged) | - |" in table and "| finetune | " in table
+    # a single run still stops with the error
+    assert continual_mnist.main(["--strategy", "l2", "--setting", "task", "--out", str(tmp_path / "one"),
+                                 *FAST]) == 2
