@@ -93,7 +93,8 @@ class StreamRunner:
         learner.prepare(experience)
         strategy.before_experience(learner, experience)
         objective = ContinualObjective(strategy, learner)
-        config = dataclasses.replace(self.config, seed=self.config.seed + experience.index)
+        # no checkpoints inside an experience: an interrupted one is trained again from its start
+        config = dataclasses.replace(self.config, seed=self.config.seed + experience.index, checkpoint_epochs=False)
         trainer = Trainer(learner.model, [], strategy.weighting(learner, objective.loss_names),
                           strategy.train_data(learner, experience), None, config,
                           self.run_dir / "experiences" / str(experience.index),

@@ -13,7 +13,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 NONFINITE_POLICIES = ("error", "skip")
 
 #: settings that do not change what a run computes, so a resumed run may change them
-RESUMABLE_CHANGES = frozenset({"progress", "checkpoint_every", "num_workers", "tensorboard"})
+RESUMABLE_CHANGES = frozenset({"progress", "checkpoint_every", "checkpoint_epochs", "num_workers", "tensorboard"})
 
 
 @dataclass
@@ -36,6 +36,7 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = False
     checkpoint_every: int = 0  # steps; 0 = only at the end of each epoch
+    checkpoint_epochs: bool = True  # False: no checkpoint at epoch ends (a caller that checkpoints itself)
     on_nonfinite: str = "error"
     log_every: int = 10  # steps between history/tracker records
     progress: bool = True

@@ -103,6 +103,11 @@ class Trainer:
         self.eval_loader = self.accelerator.prepare(eval_loader) if eval_loader is not None else None
         # Per-epoch schedule, deliberately not prepared: Accelerate would step it once per process.
         self.scheduler = build_scheduler(optimizer, config)
+        # Accelerate's optimizer wrapper probes the file system for an optional package on every
+        # step and inspects zero_grad's signature on every call; without a loss scaler (fp16) or
+        # XLA it only forwards both calls, so the step calls the torch optimizer itself.
+        direct = getattr(self.accelerator, "scaler", None) is None and self.accelerator.distributed_type != "XLA"
+        self._torch_optimizer = optimizer if direct else self.optimizer
         self._base_lrs = [g["lr"] for g in optimizer.param_groups]
         if self.objective.lr_factor(0.0) is not None and self.scheduler is not None:
             raise ConfigError(f"{type(self.objective).__name__} anneals the learning rate itself; use scheduler='none' "
@@ -179,9 +184,9 @@ class Trainer:
         self._sync_unwrapped_grads()
         if self.config.grad_clip is not None:
             self.accelerator.clip_grad_norm_(self._trainable_parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        self._torch_optimizer.step()
         self.objective.after_step(self.model)
-        self.optimizer.zero_grad(set_to_none=True)
+        self._torch_optimizer.zero_grad(set_to_none=True)
         return values, weights
 
     def _trainable_parameters(self):
@@ -287,7 +292,10 @@ class Trainer:
                              step=self.progress.step)
         self.progress = Progress(epoch=self.progress.epoch + 1, batch=0, step=self.progress.step)
         self._epoch_sums = self._zero_sums()
-        self.save()
+        if self.config.checkpoint_epochs:
+            self.save()
+        elif self.progress.epoch == self.config.epochs and self.accelerator.is_main_process:
+            write_json(self.run_dir / "history.json", self.history)
         log.info("epoch %d: %s", record["epoch"], record.get("eval", record["train_loss"]))
 
     def _record_step(self, losses: dict[str, float], weights: dict[str, float]):

@@ -226,3 +226,12 @@ def test_epoch_hooks_add_their_results_to_every_epoch_record(tmp_path):
     assert [r["validation"] for r in history["epochs"]] == [{"epoch_seen": 1}, {"epoch_seen": 2}]
     with pytest.raises(ConfigError, match="'eval' is a field of the epoch record"):
         trainer.add_epoch_hook("eval", lambda t: {})
+
+
+def test_without_epoch_checkpoints_the_run_writes_its_history_but_no_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path / "run", epochs=2, checkpoint_epochs=False)
+    history = trainer.fit()
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert json.loads((tmp_path / "run" / "history.json").read_text())["epochs"] == history["epochs"]
+    with_checkpoints = make_trainer(tmp_path / "other", epochs=2)
+    assert with_checkpoints.fit()["epochs"][-1]["eval"] == history["epochs"][-1]["eval"]  # same training
