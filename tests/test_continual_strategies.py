@@ -131,3 +131,10 @@ def test_joint_trains_on_every_experience_seen_so_far(tmp_path):
 def test_bad_strategy_options_are_clear_errors(name, options, message):
     with pytest.raises(ConfigError, match=message):
         build_strategy(name, **options)
+
+
+def test_der_gives_the_class_il_head_every_class_of_the_stream_from_the_start(tmp_path):
+    runner = make_runner(tmp_path, "class", strategy="der", buffer_size=8)
+    assert runner.learner.model.heads["classifier"].num_classes == 6  # 3 experiences x 2 classes, before any
+    plain = make_runner(tmp_path / "plain", "class", strategy="er", buffer_size=8)
+    assert plain.learner.model.heads["classifier"].num_classes == 0  # grows as experiences come

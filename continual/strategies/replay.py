@@ -99,14 +99,15 @@ class GEM(Replay):
         self.current_task = experience.task_id
 
     def memory_losses(self, learner, model, size, z):
-        """One forward pass over up to ``size`` memory samples of each past experience, one mean loss each."""
+        """One forward pass over the memory samples of every past experience, one mean loss each (the
+        GEM paper's constraints use each task's whole episodic memory)."""
         if len(self.buffer) == 0:
             return {"memory": z.new_zeros(0)}
         mem = self.buffer.contents()
         past = [t for t in torch.unique(mem.task_ids).tolist() if t != self.current_task]
         if not past:
             return {"memory": z.new_zeros(0)}
-        rows = torch.cat([(mem.task_ids == t).nonzero().flatten()[:size] for t in past])
+        rows = torch.cat([(mem.task_ids == t).nonzero().flatten() for t in past])  # all of each task's memory
         task_ids = mem.task_ids[rows].to(z.device)
         logits = _logits_of(learner, model, mem.inputs[rows].to(z.device), task_ids)
         per_sample = learner.loss(logits, mem.labels[rows].to(z.device), reduction="none")
@@ -128,6 +129,18 @@ class DER(Replay):
 
     def loss_weights(self):
         return {"logits": self.alpha, "labels": self.beta}
+
+    def configure(self, learner) -> None:
+        """Class-IL: give the head every class of the stream from the start.
+
+        The stored logits must include the outputs of classes not seen yet: matching those
+        (low) values is what keeps a new class from taking over an old sample's prediction.
+        With a head that grows, the stored logits would cover the old outputs only. (The
+        paper's experiments use a single head over all the stream's classes.)
+        """
+        if learner.setting == "class":
+            head = getattr(learner.model, "module", learner.model).heads[learner.stream.head_name(0)]
+            head.grow(learner.stream.num_classes)
 
     def memory_losses(self, learner, model, size, z):
         names = self.extra_loss_names
