@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 from mtl import checkpoint as ckpt
-from mtl.config import TrainerConfig
+from mtl.config import RESUMABLE_CHANGES, TrainerConfig
 from mtl.errors import CheckpointError
 from mtl.io import ensure_writable_dir, write_json
 from mtl.trainer import Trainer
@@ -127,7 +127,7 @@ class StreamRunner:
     # ----- whole-run checkpoints --------------------------------------------------------------
     def fingerprint(self) -> dict:
         stream = self.learner.stream
-        cfg = {k: v for k, v in self.config.to_dict().items() if k not in ("progress", "tensorboard")}
+        cfg = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE_CHANGES}
         return {"stream": {"name": stream.name, "setting": stream.setting, "experiences": len(stream)},
                 "strategy": {"name": self.strategy.name}, "config": cfg, "run": self.run_config}
 
