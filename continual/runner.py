@@ -107,9 +107,22 @@ class StreamRunner:
         row = self.measure(self.matrix, experience.index)
         if self.task_matrix is not None:
             self.measure(self.task_matrix, experience.index, task_aware=True)
+        self.log_row(experience.index, row)
         seen = ", ".join(f"{100 * a:.1f}" for a in row[: experience.index + 1])
         print(f"experience {experience.index + 1}/{len(learner.stream)} ({strategy.name}): accuracy on seen "
               f"experiences [{seen}] %, {self.wall_times[-1]:.1f} s", flush=True)
+
+    def log_row(self, after: int, row: list[float]) -> None:
+        """Row ``after`` of the accuracy matrix and the running ACC to TensorBoard (``run_dir/tensorboard``)."""
+        if not self.config.tensorboard:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(self.run_dir / "tensorboard")) as writer:
+            for j, accuracy in enumerate(row):
+                if accuracy == accuracy:  # not NaN
+                    writer.add_scalar(f"accuracy/experience_{j}", accuracy, global_step=after)
+            writer.add_scalar("accuracy/ACC", summarize(self.matrix)["acc"], global_step=after)
 
     def measure(self, matrix: AccuracyMatrix, after: int, task_aware: bool = False) -> list[float]:
         """Row ``after`` of ``matrix``: the accuracy on every experience (NaN where not measurable)."""

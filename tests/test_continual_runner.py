@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -125,3 +127,17 @@ def test_a_strategy_refuses_a_setting_it_cannot_run_in():
 
     with pytest.raises(ConfigError, match="cannot run in the class-incremental setting"):
         TaskOnly().check(tiny_split("class"))
+
+
+def test_each_row_of_the_matrix_goes_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runner = make_runner(tmp_path, "domain")
+    runner.config = dataclasses.replace(runner.config, tensorboard=True)
+    matrix = runner.run()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    acc = [e.value for e in events.Scalars("accuracy/ACC")]
+    first = [e.value for e in events.Scalars("accuracy/experience_0")]
+    assert len(acc) == 3 and acc[-1] == pytest.approx(matrix.values[2].mean(), abs=1e-6)
+    assert first == pytest.approx(list(matrix.values[:, 0]), abs=1e-6)
