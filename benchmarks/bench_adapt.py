@@ -119,7 +119,6 @@ import logging
 import math
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -135,7 +134,8 @@ from torch import nn  # noqa: E402
 from adapt.data import build_domain  # noqa: E402
 import adapt.methods as adapt_methods  # noqa: E402
 from adapt.methods import METHODS, build_method, build_model  # noqa: E402
-from common import ensure_threads, load_average, machine_info, save_results, sync  # noqa: E402
+from common import (ensure_threads, install_into, load_average, machine_info, pip_target_command,  # noqa: E402
+                    save_results, shown_path, sync)
 from mtl.config import TrainerConfig  # noqa: E402
 from mtl.encoders import build_encoder  # noqa: E402
 from mtl.errors import ConfigError  # noqa: E402
@@ -264,23 +264,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----- the peer: pytorch-adapt in its own folder ---------------------------------------------------
 
 
-def shown_path(path: Path) -> str:
-    """``path`` relative to the checkout when inside it (results files name no machine's folders)."""
-    target = Path(path).resolve()
-    return str(target.relative_to(ROOT) if target.is_relative_to(ROOT) else target)
-
-
-def install_command(peer_dir: Path, python: str = "python") -> list[str]:
-    """pip into ``peer_dir``, no dependencies; ``python``: the interpreter (this environment's when run)."""
-    return [python, "-m", "pip", "install", "--target", shown_path(peer_dir), "--no-deps", *PEER_REQUIREMENTS]
-
-
-def install_peer(peer_dir: Path) -> bool:
-    cmd = install_command(peer_dir, sys.executable)
-    print(f"installing pytorch-adapt (run in {ROOT}): {shlex.join(cmd)}", flush=True)
-    return subprocess.run(cmd, cwd=ROOT).returncode == 0
-
-
 def load_peer(peer_dir: Path) -> tuple[dict | None, str | None]:
     """pytorch-adapt's modules from ``peer_dir`` (put first on sys.path, in this process only), or a reason."""
     peer_dir = Path(peer_dir).resolve()
@@ -288,7 +271,7 @@ def load_peer(peer_dir: Path) -> tuple[dict | None, str | None]:
         flag = "" if peer_dir == PEER_DIR else f" --peer-dir {shlex.quote(str(peer_dir))}"
         return None, (f"pytorch-adapt is not installed in {peer_dir}; install it with "
                       f"`python benchmarks/bench_adapt.py --install-peer{flag}` or "
-                      f"`{shlex.join(install_command(peer_dir))}`")
+                      f"`{shlex.join(pip_target_command(peer_dir, PEER_REQUIREMENTS))}`")
     if str(peer_dir) not in sys.path:
         sys.path.insert(0, str(peer_dir))  # after our own imports: only the peer's packages come from here
     try:
@@ -733,7 +716,7 @@ def print_summary(result: dict, out: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.install_peer and not install_peer(args.peer_dir):
+    if args.install_peer and not install_into(args.peer_dir, PEER_REQUIREMENTS, "pytorch-adapt"):
         print(f"installing pytorch-adapt into {args.peer_dir} failed (see pip's output above)", file=sys.stderr)
         return 1
     for name in ("mtl", "adapt"):
@@ -793,7 +776,7 @@ def main(argv=None) -> int:
                   f"{NUM_CLASSES}, hidden={args.label_hidden}); DANN adds DomainClassifier(50, hidden=100)"),
         "timed": {"ours": OUR_STEP, "pytorch_adapt": PEER_STEP},
         "differences": DIFFERENCES,
-        "peer": {"dir": shown_path(args.peer_dir), "install_command": shlex.join(install_command(args.peer_dir)),
+        "peer": {"dir": shown_path(args.peer_dir), "install_command": shlex.join(pip_target_command(args.peer_dir, PEER_REQUIREMENTS)),
                  "versions": peer_versions(mods) if mods else None, "unavailable": peer_reason},
         "machine": machine_info(torch_threads_default=threads_default, torch_threads=threads),
         "load_average_1_5_15min": {"start": load_start, "end": load_end},

@@ -141,7 +141,6 @@ import re
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -157,7 +156,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
-from common import ensure_threads, load_average, machine_info, parse_choices, save_results  # noqa: E402
+from common import (ensure_threads, install_into, load_average, machine_info, parse_choices,  # noqa: E402
+                    pip_target_command, save_results, shown_path)
 from continual.learner import ContinualLearner, IncrementalClassifier  # noqa: E402
 from continual.runner import StreamRunner  # noqa: E402
 from continual.scenarios import build_stream  # noqa: E402
@@ -278,22 +278,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a positive number, got {args.lr}")
     return args
-
-
-def shown_path(path: Path) -> str:
-    """``path`` relative to the checkout when inside it (results files name no machine's folders)."""
-    target = Path(path).resolve()
-    return str(target.relative_to(ROOT) if target.is_relative_to(ROOT) else target)
-
-
-def install_command(peer_dir: Path, python: str = "python") -> list[str]:
-    return [python, "-m", "pip", "install", "--target", shown_path(peer_dir), "--no-deps", *PEER_REQUIREMENTS]
-
-
-def install_peer(peer_dir: Path) -> bool:
-    cmd = install_command(peer_dir, sys.executable)
-    print(f"installing avalanche-lib (run in {ROOT}): {shlex.join(cmd)}", flush=True)
-    return subprocess.run(cmd, cwd=ROOT).returncode == 0
 
 
 def load_peer(peer_dir: Path) -> tuple[dict | None, str | None]:
@@ -858,7 +842,7 @@ def print_summary(result: dict, out: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.install_peer and not install_peer(args.peer_dir):
+    if args.install_peer and not install_into(args.peer_dir, PEER_REQUIREMENTS, "avalanche-lib"):
         print(f"installing avalanche-lib into {args.peer_dir} failed (see pip's output above)", file=sys.stderr)
         return 1
     for name in ("mtl", "continual", "accelerate"):
@@ -880,7 +864,7 @@ def main(argv=None) -> int:
         except Exception as e:
             peer_reason = f"building Avalanche's benchmark failed: {type(e).__name__}: {e}"
     if peer is None:
-        print(f"avalanche: {peer_reason}\n  pip command: {shlex.join(install_command(args.peer_dir))}\n"
+        print(f"avalanche: {peer_reason}\n  pip command: {shlex.join(pip_target_command(args.peer_dir, PEER_REQUIREMENTS))}\n"
               "  the comparison is SKIPPED; our side is still measured", flush=True)
     print(f"data: {setup.describe()['stream']}", flush=True)
     check = same_start_check(setup, peer) if peer is not None else None
@@ -908,7 +892,7 @@ def main(argv=None) -> int:
         "timed": {"ours": OUR_RUN, "avalanche": AVALANCHE_RUN,
                   "avalanche_strategies": {n: AVALANCHE_CLASSES[n] for n in args.strategies}},
         "differences": DIFFERENCES,
-        "peer": {"dir": shown_path(args.peer_dir), "install_command": shlex.join(install_command(args.peer_dir)),
+        "peer": {"dir": shown_path(args.peer_dir), "install_command": shlex.join(pip_target_command(args.peer_dir, PEER_REQUIREMENTS)),
                  "versions": peer_versions(args.peer_dir) if peer is not None else None, "unavailable": peer_reason},
         "machine": machine_info(torch_threads_default=threads_default, torch_threads=threads),
         "load_average_1_5_15min": {"start": load_start, "end": load_end},

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -100,3 +103,26 @@ def save_results(out_dir, name: str, result: dict, write_markdown: Callable[[Pat
     write_json(out / f"{name}.json", result)
     write_markdown(out / f"{name}.md", result)
     return out
+
+
+# ----- peer libraries, installed into the benchmarks' own ignored folder -----------------------------
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the checkout when inside it (results files name no machine's folders)."""
+    target = Path(path).resolve()
+    return str(target.relative_to(CHECKOUT) if target.is_relative_to(CHECKOUT) else target)
+
+
+def pip_target_command(peer_dir: Path, requirements, python: str = "python") -> list[str]:
+    """pip into ``peer_dir`` without dependencies (never into the project's environment)."""
+    return [python, "-m", "pip", "install", "--target", shown_path(peer_dir), "--no-deps", *requirements]
+
+
+def install_into(peer_dir: Path, requirements, what: str) -> bool:
+    """Run ``pip_target_command`` with this interpreter from the checkout; True when pip succeeded."""
+    cmd = pip_target_command(peer_dir, requirements, sys.executable)
+    print(f"installing {what} (run in {CHECKOUT}): {shlex.join(cmd)}", flush=True)
+    return subprocess.run(cmd, cwd=CHECKOUT).returncode == 0

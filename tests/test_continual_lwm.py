@@ -17,7 +17,7 @@ from mtl.config import TrainerConfig
 from mtl.encoders import build_encoder
 from mtl.errors import ConfigError
 
-from test_continual_runner import tiny_split
+from test_continual_runner import assert_same_run, crash_then_resume, tiny_split
 
 
 def lwm_runner(run_dir, setting="task", encoder="multilenet", **options):
@@ -150,29 +150,10 @@ def test_lwm_trains_a_task_il_stream_with_the_multilenet_encoder(reference):
     assert not reference.learner.model.encoder.conv2._forward_hooks
 
 
-class Crash(Exception):
-    pass
-
-
 def test_an_lwm_run_killed_mid_experience_resumes_to_the_same_matrix_and_weights(reference, tmp_path, monkeypatch):
-    expected = reference.matrix.values
-    expected_weights = reference.learner.model.state_dict()
-    steps = {"n": 0}
-
-    def after_step(self, learner, model):
-        steps["n"] += 1
-        if steps["n"] == 36:  # in the middle of the second experience (24 steps per experience)
-            raise Crash()
-
-    monkeypatch.setattr(LwM, "after_step", after_step)
-    with pytest.raises(Crash):
-        lwm_runner(tmp_path / "run").run()
-    monkeypatch.undo()
-    resumed = lwm_runner(tmp_path / "run")
-    got = resumed.run(resume=True).values
-    assert torch.equal(torch.tensor(got).nan_to_num(-1), torch.tensor(expected).nan_to_num(-1))
-    for name, value in resumed.learner.model.state_dict().items():
-        assert torch.equal(value, expected_weights[name]), name
+    # step 36: in the middle of the second experience (24 steps per experience)
+    resumed = crash_then_resume(lambda: lwm_runner(tmp_path / "run"), monkeypatch, 36)
+    assert_same_run(resumed, reference.matrix.values, reference.learner.model.state_dict())
 
 
 def test_bad_weights_are_refused():

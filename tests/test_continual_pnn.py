@@ -13,7 +13,7 @@ from mtl.config import TrainerConfig
 from mtl.encoders import build_encoder
 from mtl.errors import ConfigError
 
-from test_continual_runner import tiny_split
+from test_continual_runner import assert_same_run, crash_then_resume, tiny_split
 
 HIDDEN = (16, 8)
 IN = 28 * 28
@@ -142,28 +142,7 @@ def test_bad_hidden_widths_are_refused():
         PNN(hidden=(100, 0))
 
 
-class Crash(Exception):
-    pass
-
-
 def test_a_pnn_run_killed_mid_experience_resumes_to_the_same_matrix_and_weights(reference, tmp_path, monkeypatch):
-    expected = reference.matrix.values
-    expected_weights = reference.learner.model.state_dict()
-    steps = {"n": 0}
-
-    def after_step(self, learner, model):
-        steps["n"] += 1
-        if steps["n"] == 18:  # in the middle of the second experience (12 steps per experience)
-            raise Crash()
-
-    monkeypatch.setattr(PNN, "after_step", after_step)
-    with pytest.raises(Crash):
-        pnn_runner(tmp_path / "run").run()
-    monkeypatch.undo()
-    resumed = pnn_runner(tmp_path / "run")
-    got = resumed.run(resume=True).values
-    assert torch.equal(torch.tensor(got).nan_to_num(-1), torch.tensor(expected).nan_to_num(-1))
-    state = resumed.learner.model.state_dict()
-    assert state.keys() == expected_weights.keys()
-    for name, value in state.items():
-        assert torch.equal(value, expected_weights[name]), name
+    # step 18: in the middle of the second experience (12 steps per experience)
+    resumed = crash_then_resume(lambda: pnn_runner(tmp_path / "run"), monkeypatch, 18)
+    assert_same_run(resumed, reference.matrix.values, reference.learner.model.state_dict())

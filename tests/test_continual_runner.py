@@ -68,32 +68,46 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("strategy, options", [("finetune", {}), ("er", {"buffer_size": 16}),
-                                               ("ewc", {"strength": 10.0}), ("lwf", {})])
-def test_a_run_killed_mid_experience_resumes_to_the_same_accuracy_matrix(tmp_path, monkeypatch, strategy, options):
-    reference = make_runner(tmp_path / "a", strategy=strategy, **options)
-    expected = reference.run().values
-    expected_weights = reference.learner.model.state_dict()
-
-    crashing = make_runner(tmp_path / "b", strategy=strategy, **options)
-    steps = {"n": 0}
-    original = type(crashing.strategy).after_step
+def crash_then_resume(build, monkeypatch, crash_at: int):
+    """Run ``build()`` until its strategy's ``crash_at``-th optimizer step raises, then resume a
+    fresh ``build()`` in the same folder (``build`` must give runners of one run folder)."""
+    crashing = build()
+    cls = type(crashing.strategy)
+    original, steps = cls.after_step, {"n": 0}
 
     def after_step(self, learner, model):
         original(self, learner, model)
         steps["n"] += 1
-        if steps["n"] == 18:  # in the middle of the second experience (12 steps per experience)
+        if steps["n"] == crash_at:
             raise Crash()
 
-    monkeypatch.setattr(type(crashing.strategy), "after_step", after_step)
+    monkeypatch.setattr(cls, "after_step", after_step)
     with pytest.raises(Crash):
         crashing.run()
-    monkeypatch.setattr(type(crashing.strategy), "after_step", original)
-    resumed = make_runner(tmp_path / "b", strategy=strategy, **options)
-    got = resumed.run(resume=True).values
-    assert torch.equal(torch.tensor(got).nan_to_num(-1), torch.tensor(expected).nan_to_num(-1))
-    for name, value in resumed.learner.model.state_dict().items():
-        assert torch.equal(value, expected_weights[name]), name
+    monkeypatch.setattr(cls, "after_step", original)
+    resumed = build()
+    resumed.run(resume=True)
+    return resumed
+
+
+def assert_same_run(runner, matrix, weights) -> None:
+    """``runner``'s accuracy matrix and model weights equal ``matrix`` (values) and ``weights`` exactly."""
+    got = torch.tensor(runner.matrix.values).nan_to_num(-1)
+    assert torch.equal(got, torch.tensor(matrix).nan_to_num(-1))
+    state = runner.learner.model.state_dict()
+    assert state.keys() == weights.keys()
+    for name, value in state.items():
+        assert torch.equal(value, weights[name]), name
+
+
+@pytest.mark.parametrize("strategy, options", [("finetune", {}), ("er", {"buffer_size": 16}),
+                                               ("ewc", {"strength": 10.0}), ("lwf", {})])
+def test_a_run_killed_mid_experience_resumes_to_the_same_accuracy_matrix(tmp_path, monkeypatch, strategy, options):
+    reference = make_runner(tmp_path / "a", strategy=strategy, **options)
+    reference.run()
+    # 12 steps per experience: step 18 is in the middle of the second one
+    resumed = crash_then_resume(lambda: make_runner(tmp_path / "b", strategy=strategy, **options), monkeypatch, 18)
+    assert_same_run(resumed, reference.matrix.values, reference.learner.model.state_dict())
 
 
 def test_resume_with_another_strategy_is_refused(tmp_path):
