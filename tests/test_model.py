@@ -109,9 +109,21 @@ def test_unknown_smp_encoder_is_a_config_error():
 def test_unknown_encoder_names_the_choices():
     with pytest.raises(ConfigError, match="unknown encoder 'vgg16'") as err:
         build_encoder("vgg16")
-    for choice in ("multilenet", "digitnet", "resnet18", "resnet34", "resnet50", "smp:<encoder name>"):
+    for choice in ("mlp", "multilenet", "digitnet", "resnet18", "resnet34", "resnet50", "smp:<encoder name>"):
         assert choice in str(err.value)
-    assert encoder_names() == ["multilenet", "digitnet", "resnet18", "resnet34", "resnet50", "smp:<encoder name>"]
+    assert encoder_names() == ["mlp", "multilenet", "digitnet", "resnet18", "resnet34", "resnet50",
+                               "smp:<encoder name>"]
+
+
+def test_mlp_encoder_flattens_the_image_and_refuses_another_size():
+    encoder = build_encoder("mlp", in_channels=1, size=28, hidden=(100, 50))
+    assert encoder.out_features == 50
+    assert sum(p.numel() for p in encoder.parameters()) == 784 * 100 + 100 + 100 * 50 + 50
+    assert encoder(torch.rand(3, 1, 28, 28)).shape == (3, 50)
+    with pytest.raises(ConfigError, match="built for inputs of 784 values"):
+        encoder(torch.rand(3, 3, 28, 28))
+    with pytest.raises(ConfigError, match="hidden widths must be positive"):
+        build_encoder("mlp", hidden=(100, 0))
 
 
 @pytest.mark.parametrize("size, features", [(28, 768), (32, 1200)])
