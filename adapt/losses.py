@@ -58,6 +58,11 @@ def _check_tensor(name: str, t) -> None:
         )
 
 
+def _check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, fix: str) -> None:
+    if a.shape != b.shape:
+        raise ConfigError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}; {fix}")
+
+
 def _check_matrix(name: str, t, min_rows: int = 1) -> None:
     """Raise unless ``t`` is a floating (N, D) matrix with at least ``min_rows`` rows."""
     _check_tensor(name, t)
@@ -391,12 +396,9 @@ class DifferenceLoss(nn.Module):
     def forward(self, shared: torch.Tensor, private: torch.Tensor) -> torch.Tensor:
         _check_tensor("shared code", shared)
         _check_tensor("private code", private)
-        if shared.shape != private.shape:
-            raise ConfigError(
-                f"shared code has shape {tuple(shared.shape)} but private code has shape "
-                f"{tuple(private.shape)}; DifferenceLoss needs two (N, D) codes of the same shape, "
-                "from the same batch. Make the shared and private encoders output the same width."
-            )
+        _check_same_shape("shared code", shared, "private code", private,
+                          "DifferenceLoss needs two (N, D) codes of the same shape, from the same batch. Make the "
+                          "shared and private encoders output the same width.")
         _check_matrix("shared code", shared, min_rows=2)  # centring a batch of one leaves only zeros
         shared, private = self._prepare(_full_precision(shared)), self._prepare(_full_precision(private))
         correlation = shared.T @ private
@@ -422,11 +424,7 @@ class ScaleInvariantMSE(nn.Module):
         """``x_hat``: reconstruction, ``x``: input; both (N, ...) with the same shape."""
         _check_tensor("reconstruction", x_hat)
         _check_tensor("input", x)
-        if x_hat.shape != x.shape:
-            raise ConfigError(
-                f"reconstruction has shape {tuple(x_hat.shape)} but the input has shape {tuple(x.shape)}; "
-                "they must match. Check the decoder's output size."
-            )
+        _check_same_shape("reconstruction", x_hat, "the input", x, "they must match. Check the decoder's output size.")
         if x.dim() < 2 or x.numel() == 0:
             raise ConfigError(
                 f"ScaleInvariantMSE expects a non-empty batch (N, ...) with N >= 1 and >= 1 element per "

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 
 from mtl import checkpoint as ckpt
@@ -41,14 +42,15 @@ STREAM_CHECKPOINT = "stream.pt"
 
 class StreamRunner:
     def __init__(self, learner: ContinualLearner, strategy: Strategy, config: TrainerConfig, run_dir,
-                 run_config: dict | None = None, overwrite: bool = False):
+                 run_config: dict | None = None, overwrite: bool = False, report: Callable[[str], None] = log.info):
+        """``report``: receives one progress line per experience (the logger by default; scripts print it)."""
         strategy.check(learner.stream)
         strategy.configure(learner)
         self.learner, self.strategy, self.config = learner, strategy, config
         self.run_dir = Path(run_dir)
         self.run_config = dict(run_config or {})
         self.path = self.run_dir / ckpt.CHECKPOINT_DIR / STREAM_CHECKPOINT
-        self.overwrite = overwrite
+        self.overwrite, self.report = overwrite, report
         stream = learner.stream
         self.matrix = AccuracyMatrix(len(stream))
         # Class-IL runs also measure the same model with the task id given (Task-IL accuracy)
@@ -109,8 +111,8 @@ class StreamRunner:
             self.measure(self.task_matrix, experience.index, task_aware=True)
         self.log_row(experience.index, row)
         seen = ", ".join(f"{100 * a:.1f}" for a in row[: experience.index + 1])
-        print(f"experience {experience.index + 1}/{len(learner.stream)} ({strategy.name}): accuracy on seen "
-              f"experiences [{seen}] %, {self.wall_times[-1]:.1f} s", flush=True)
+        self.report(f"experience {experience.index + 1}/{len(learner.stream)} ({strategy.name}): accuracy on seen "
+                    f"experiences [{seen}] %, {self.wall_times[-1]:.1f} s")
 
     def log_row(self, after: int, row: list[float]) -> None:
         """Row ``after`` of the accuracy matrix and the running ACC to TensorBoard (``run_dir/tensorboard``)."""

@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="mlp: two 100-unit ReLU layers, as in the Split-MNIST literature (default: mlp)")
     g = p.add_argument_group("strategy")
     g.add_argument("--strategy", default="finetune", choices=list(STRATEGIES), help="(default: finetune)")
-    g.add_argument("--buffer-size", type=int, default=None, help="replay memory in samples (default: 200; iCaRL / LUCIR exemplars: 2000)")
+    g.add_argument("--buffer-size", type=int, default=None,
+                   help="replay memory in samples (default: 200; iCaRL / LUCIR exemplars: 2000)")
     g.add_argument("--strength", type=float, default=None,
                    help="regularisation strength: EWC / online EWC lambda, L2, SI's c (default: 1)")
     g.add_argument("--gamma-ewc", dest="ewc_gamma", type=float, default=None,
@@ -67,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--ewc-alpha", dest="ewc_alpha", type=float, default=None,
                    help="EWC++ / RWalk: weight of the newest batch in the Fisher's moving average (default: 0.9)")
     g.add_argument("--temperature", type=float, default=None, help="LwF's softmax temperature (default: 2)")
-    g.add_argument("--margin", type=float, default=None, help="GEM's margin on its constraints (default: 0); LUCIR's ranking margin (default: 0.5)")
+    g.add_argument("--margin", type=float, default=None,
+                   help="GEM's margin on its constraints (default: 0); LUCIR's ranking margin (default: 0.5)")
     g.add_argument("--compare", action="store_true",
                    help="run every strategy of --strategies for every seed of --seeds and write one table")
     g.add_argument("--strategies", default=",".join(STRATEGIES),
@@ -124,7 +126,7 @@ def run_one(args, name: str, seed: int, out: Path) -> dict:
     run_config = {"strategy": name, "scenario": args.scenario, "setting": args.setting, "dataset": args.dataset,
                   "encoder": args.encoder, **options}
     runner = StreamRunner(learner, strategy, trainer_config(args, seed), out, run_config=run_config,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, report=lambda line: print(line, flush=True))
     matrix = runner.run(resume=args.resume and runner.path.exists())
     plot_accuracy_matrix(matrix, out / "accuracy_matrix.png",
                          title=f"{name}: {stream.name}, {args.setting}-IL (seed {seed})")
@@ -156,7 +158,8 @@ def results_table(args, rows: dict[str, list[dict]]) -> str:
             lines.append(f"| {name}{diverged(all_results)} |" + " - |" * (head.count("|") - 2))
             continue
         metrics = [r["metrics"] for r in results]
-        line = f"| {name}{diverged(all_results)} | {cell([m['acc'] for m in metrics])} | {cell([m['bwt'] for m in metrics])} | " \
+        line = f"| {name}{diverged(all_results)} | {cell([m['acc'] for m in metrics])} | " \
+               f"{cell([m['bwt'] for m in metrics])} | " \
                f"{cell([m['forgetting'] for m in metrics])} |"
         if task_too:
             line += f" {cell([r['task_metrics']['acc'] for r in results])} |"

@@ -17,7 +17,7 @@ from continual.strategies.importance import MAS, EWCPlusPlus, RWalk
 from mtl.config import TrainerConfig
 from mtl.encoders import build_encoder
 from mtl.errors import ConfigError
-from test_continual_runner import assert_same_run, crash_then_resume, tiny_split
+from test_continual_runner import crash_then_resume, run_differences, tiny_split
 
 A, W0, W1 = "encoder.a", "heads.task0.weight", "heads.task1.weight"
 
@@ -381,7 +381,7 @@ def test_a_run_killed_mid_experience_resumes_to_the_same_accuracy_matrix(tmp_pat
     reference.run()
     # step 18: in the middle of the second experience (12 steps per experience)
     resumed = crash_then_resume(lambda: small_runner(tmp_path / "b", make()), monkeypatch, 18)
-    assert_same_run(resumed, reference.matrix.values, reference.learner.model.state_dict())
+    assert not run_differences(resumed, reference.matrix.values, reference.learner.model.state_dict())
     assert same(resumed.strategy.get_extra_state(), reference.strategy.get_extra_state())  # bit for bit
 
 
