@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from mtl.batches import Gathered
 from mtl.model import MultiTaskModel
 
 
@@ -47,7 +48,8 @@ class IncrementalClassifier(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, z):
-        return self.linear(z.flatten(1))[:, : self.num_classes]
+        out = self.linear(z.flatten(1))
+        return out if out.shape[1] == self.num_classes else out[:, : self.num_classes]  # no class yet: (N, 0)
 
 
 class ContinualLearner:
@@ -91,11 +93,15 @@ class ContinualLearner:
         return self.stream.classes_seen(self.prepared) if self.prepared >= 0 else ()
 
     # ----- targets and outputs -------------------------------------------------------------
-    def head_names(self, task_ids: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """``[(head, mask of the batch rows it reads)]`` for a batch with these task ids."""
+    def head_names(self, task_ids: torch.Tensor) -> list[tuple[str, torch.Tensor | None]]:
+        """``[(head, mask of the batch rows it reads)]`` for a batch with these task ids; the mask is None
+        where one head reads every row."""
         if self.setting != "task":
-            return [(self.stream.head_name(0), torch.ones_like(task_ids, dtype=torch.bool))]
-        return [(f"task{t}", task_ids == t) for t in torch.unique(task_ids).tolist()]
+            return [(self.stream.head_name(0), None)]
+        tasks = torch.unique(task_ids).tolist()
+        if len(tasks) == 1:
+            return [(f"task{tasks[0]}", None)]
+        return [(f"task{t}", task_ids == t) for t in tasks]
 
     def encode(self, model, x: torch.Tensor, task_ids: torch.Tensor):
         """The representation of ``x``, through the model's forward (under DDP only that averages the
@@ -178,12 +184,11 @@ class ExperienceData(Dataset):
         return self.data[i][0], self.targets[i], self.task_id
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        indices = list(indices)
+        index = torch.as_tensor(indices if isinstance(indices, torch.Tensor) else list(indices), dtype=torch.long)
         take = getattr(self.data, "take", None)  # one gather where the images are one tensor
-        images = take(indices)[0] if take is not None else torch.stack([self.data[i][0] for i in indices])
-        return images, self.targets[indices], torch.full((len(indices),), self.task_id, dtype=torch.long)
+        images = take(index)[0] if take is not None else torch.stack([self.data[i][0] for i in index.tolist()])
+        return images, self.targets.index_select(0, index), torch.full((len(index),), self.task_id, dtype=torch.long)
 
-    def __getitems__(self, indices) -> list:
+    def __getitems__(self, indices) -> Gathered:
         """A DataLoader's batch fetch: the items of ``indices`` from one gather (same items as ``__getitem__``)."""
-        images, targets, _ = self.batch(indices)
-        return [(image, target, self.task_id) for image, target in zip(images.unbind(0), targets.unbind(0))]
+        return Gathered(*self.batch(indices))

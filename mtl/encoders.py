@@ -45,7 +45,7 @@ class MLPEncoder(nn.Module):
         self.out_features = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x[0].numel() != self.in_features:
+        if x.shape[1:].numel() != self.in_features:
             raise ConfigError(f"this mlp was built for inputs of {self.in_features} values, got shape "
                               f"{tuple(x.shape[1:])}; build it with the images' in_channels and size.")
         return self.net(x)

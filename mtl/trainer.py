@@ -26,12 +26,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .batches import InProcessLoader, collate
 from .config import RESUMABLE_CHANGES, TrainerConfig
 from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from .io import ensure_writable_dir, write_json
 from .model import MultiTaskModel
 from .objective import Objective, TaskLosses
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, clear_grads, direct_step
 from .sampling import EpochShuffleSampler
 from .tasks import Task
 from .weighting import Weighting
@@ -81,13 +82,19 @@ class Trainer:
         # Each loader gets its own generator: starting an iterator draws worker seeds from it,
         # and drawing them from the global RNG instead would shift dropout masks after a resume.
         self.loader_generator = torch.Generator()
-        train_loader = DataLoader(train_data, batch_size=config.batch_size, sampler=self.sampler,
-                                  drop_last=config.drop_last, num_workers=config.num_workers,
-                                  generator=self.loader_generator)
+        # One process without workers: the same batches without a DataLoader's per-batch bookkeeping.
+        in_process = config.num_workers == 0 and self.accelerator.distributed_type == "NO"
+        if in_process:
+            train_loader = InProcessLoader(train_data, self.sampler, config.batch_size, config.drop_last,
+                                           self.accelerator.device)
+        else:
+            train_loader = DataLoader(train_data, batch_size=config.batch_size, sampler=self.sampler,
+                                      drop_last=config.drop_last, num_workers=config.num_workers,
+                                      generator=self.loader_generator, collate_fn=collate)
         eval_loader = None
         if eval_data is not None:
             eval_loader = DataLoader(eval_data, batch_size=config.eval_batch_size or config.batch_size,
-                                     shuffle=False, num_workers=config.num_workers,
+                                     shuffle=False, num_workers=config.num_workers, collate_fn=collate,
                                      generator=torch.Generator().manual_seed(config.seed))
         self.weighting = weighting.to(self.accelerator.device)
         self.weighting.bind(self.accelerator)
@@ -98,16 +105,24 @@ class Trainer:
             groups.append({"params": list(weighting.parameters()), "lr_scale": 1.0})
         if not self.objective.own_optimizer and list(self.objective.parameters()):
             groups.append({"params": list(self.objective.parameters()), "lr_scale": 1.0})
-        optimizer = build_optimizer(groups, config)
-        self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, optimizer, train_loader)
+        optimizer = build_optimizer(groups, config, device=self.accelerator.device)
+        if in_process:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+            self.train_loader = train_loader
+        else:
+            self.model, self.optimizer, self.train_loader = self.accelerator.prepare(model, optimizer, train_loader)
         self.eval_loader = self.accelerator.prepare(eval_loader) if eval_loader is not None else None
         # Per-epoch schedule, deliberately not prepared: Accelerate would step it once per process.
         self.scheduler = build_scheduler(optimizer, config)
         # Accelerate's optimizer wrapper probes the file system for an optional package on every
         # step and inspects zero_grad's signature on every call; without a loss scaler (fp16) or
-        # XLA it only forwards both calls, so the step calls the torch optimizer itself.
+        # XLA it only forwards both calls, so the step calls the torch optimizer itself, through
+        # direct_step (the same update without Optimizer.step's per-call bookkeeping).
         direct = getattr(self.accelerator, "scaler", None) is None and self.accelerator.distributed_type != "XLA"
-        self._torch_optimizer = optimizer if direct else self.optimizer
+        if direct:
+            self._optimizer_step, self._zero_grad = direct_step(optimizer), lambda: clear_grads(optimizer)
+        else:
+            self._optimizer_step, self._zero_grad = self.optimizer.step, lambda: self.optimizer.zero_grad(set_to_none=True)
         self._base_lrs = [g["lr"] for g in optimizer.param_groups]
         if self.objective.lr_factor(0.0) is not None and self.scheduler is not None:
             raise ConfigError(f"{type(self.objective).__name__} anneals the learning rate itself; use scheduler='none' "
@@ -167,11 +182,7 @@ class Trainer:
         if self.objective.custom_step:
             return self.objective.train_step(self, batch)
         losses, rep = self.compute_losses(batch)
-        # a loss may be a vector (GEM: one per past experience): the history keeps its sum
-        values = torch.stack([loss.detach().float().sum() for loss in losses.values()])
-        if self.accelerator.num_processes > 1:  # every rank must agree on skipping
-            values = self.accelerator.reduce(values, reduction="mean")
-        values = dict(zip(losses, values.tolist()))
+        values = self._loss_values(losses)
         bad = [t for t, v in values.items() if not math.isfinite(v)]
         if bad:
             if self.config.on_nonfinite == "error":
@@ -184,16 +195,31 @@ class Trainer:
         self._sync_unwrapped_grads()
         if self.config.grad_clip is not None:
             self.accelerator.clip_grad_norm_(self._trainable_parameters(), self.config.grad_clip)
-        self._torch_optimizer.step()
+        self._optimizer_step()
         self.objective.after_step(self.model)
-        self._torch_optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         return values, weights
+
+    def _loss_values(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The losses as floats, averaged over processes: every rank must agree on skipping a step.
+
+        A loss may be a vector (GEM: one per past experience): the history keeps its sum.
+        """
+        if len(losses) == 1 and self.accelerator.num_processes == 1:  # one read-back, no stacking
+            (name, loss), = losses.items()
+            return {name: loss.detach().float().sum().item() if loss.ndim else loss.item()}
+        values = torch.stack([loss.detach().float().sum() for loss in losses.values()])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(losses, values.tolist()))
 
     def _trainable_parameters(self):
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def _sync_unwrapped_grads(self):
         # The weighting and the objective are not wrapped by DDP, so their parameters' gradients are averaged here.
+        if self.accelerator.num_processes == 1:
+            return
         params = [] if self.objective.own_optimizer else list(self.objective.parameters())
         if not self.weighting.own_optimizer:
             params += list(self.weighting.parameters())
@@ -245,16 +271,20 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         self.model.train()
         self.weighting.train()
-        loader = self.train_loader
-        if self.progress.batch:
-            loader = acc.skip_first_batches(self.train_loader, self.progress.batch)
         # Accelerate's loaders reset the sampler's epoch from their own counter on each pass,
         # so the epoch is set through the loader that is about to be iterated; it also passes
         # the epoch on to a data set with set_epoch (augmentation drawn from (seed, epoch, index)).
         self.sampler.set_epoch(self.progress.epoch)
         self.loader_generator.manual_seed(cfg.seed * 1_000_003 + self.progress.epoch)  # worker seeds per epoch
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(self.progress.epoch)
+        if isinstance(self.train_loader, InProcessLoader):
+            self.train_loader.set_epoch(self.progress.epoch)
+            loader = self.train_loader.batches(skip=self.progress.batch)
+        else:
+            loader = self.train_loader
+            if self.progress.batch:
+                loader = acc.skip_first_batches(self.train_loader, self.progress.batch)
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(self.progress.epoch)
         bar = tqdm(loader, total=len(self.train_loader), initial=self.progress.batch, leave=False,
                    desc=f"epoch {self.progress.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and acc.is_local_main_process))
@@ -265,7 +295,8 @@ class Trainer:
             self.progress.step += 1
             if result is not None:
                 self._record_step(*result)
-                bar.set_postfix(loss=f"{sum(result[0].values()):.4f}", refresh=False)
+                if not bar.disable:
+                    bar.set_postfix(loss=f"{sum(result[0].values()):.4f}", refresh=False)
             if cfg.checkpoint_every and self.progress.step % cfg.checkpoint_every == 0:
                 self.save()
         bar.close()

@@ -428,3 +428,31 @@ def test_alpha_one_keeps_only_the_last_batch_fisher():
     for rows in ([0, 1], [2, 3]):
         online_step(ewc_pp, learner, exp0, rows)
     close(ewc_pp.fisher[W0], fisher_by_hand(1.0, [0.8, -0.4], X0[2:], Y0[2:])["w"])
+
+
+def test_combined_quadratic_has_the_value_and_gradient_of_the_sum_over_anchors():
+    """Three anchors of a growing head (2, 4 and 6 rows) and a shared weight, some importances zero."""
+    from continual.strategies.regularisation import combine_quadratics
+
+    gen = torch.Generator().manual_seed(0)
+    anchors, importances = [], []
+    for rows in (2, 4, 6):
+        omega = torch.rand(rows, 3, generator=gen)
+        omega[0, 0] = 0.0
+        anchors.append({"head": torch.randn(rows, 3, generator=gen), "shared": torch.randn(5, generator=gen)})
+        importances.append({"head": omega, "shared": torch.rand(5, generator=gen)})
+    theta = {"head": torch.randn(8, 3, generator=gen, requires_grad=True),  # grown again since the last anchor
+             "shared": torch.randn(5, generator=gen, requires_grad=True)}
+    by_anchor = sum((omega[n] * (theta[n][: anchor[n].shape[0]] - anchor[n]) ** 2).sum()
+                    for anchor, omega in zip(anchors, importances) for n in anchor)
+    combined = combine_quadratics(anchors, importances)
+    assert combined["head"][0].shape == (6, 3)
+    one = sum((a * (theta[n][: m.shape[0]] - m) ** 2).sum() + c for n, (a, m, c) in combined.items())
+    torch.testing.assert_close(one, by_anchor, rtol=1e-5, atol=1e-6)
+    expected = torch.autograd.grad(by_anchor, list(theta.values()))
+    for got, want in zip(torch.autograd.grad(one, list(theta.values())), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert float(expected[0][6:].abs().sum()) == 0.0  # rows no anchor covers are free
+    single = combine_quadratics(anchors[:1], importances[:1])["head"]
+    weighted = importances[0]["head"] > 0
+    assert torch.equal(single[1][weighted], anchors[0]["head"][weighted]) and single[2] == 0.0  # m = theta*, c = 0

@@ -12,6 +12,8 @@ replay buffer -- goes into the run's checkpoints through ``get_extra_state``):
   baseline trains on every experience seen so far);
 - ``extra_losses(learner, model, batch, z, logits)``: named losses beside ``"current"``,
   the cross-entropy on the current batch;
+- ``joint_batch(learner, batch)`` / ``joint_losses(...)``: samples forwarded in the same pass
+  as the current batch, and the losses on them (ER's memory batch);
 - ``weighting(learner, loss_names)``: how the losses become a gradient (a static sum by default;
   A-GEM and GEM project the gradient instead);
 - ``after_step(learner, model)``: after every optimizer step (path integrals);
@@ -67,6 +69,17 @@ class Strategy(nn.Module):
     def extra_losses(self, learner, model, batch, z, logits) -> dict[str, torch.Tensor]:
         return {}
 
+    def joint_batch(self, learner, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Samples ``(inputs, targets, task_ids)`` to forward in the same pass as the current batch, or None.
+
+        Their rows are appended to the batch's, so layers that look at the whole batch (batch
+        norm) see both; ``joint_losses`` gets their representation and logits."""
+        return None
+
+    def joint_losses(self, learner, model, joint, z, logits) -> dict[str, torch.Tensor]:
+        """Losses on the ``joint_batch`` rows (``z`` and ``logits`` are theirs only)."""
+        return {}
+
     def loss_weights(self) -> dict[str, float]:
         """The weight of each extra loss in the static sum (1 unless the method has a coefficient)."""
         return dict.fromkeys(self.extra_loss_names, 1.0)
@@ -106,11 +119,20 @@ class ContinualObjective(Objective):
 
     def losses(self, model, batch):
         x, y, task_ids = batch
-        z = self.learner.encode(model, x, task_ids)
-        logits = self.learner.logits(model, z, task_ids)
+        joint = self.strategy.joint_batch(self.learner, batch)
+        if joint is not None:
+            x, task_ids = torch.cat([x, joint[0]]), torch.cat([task_ids, joint[2]])
+        rep = self.learner.encode(model, x, task_ids)
+        logits = self.learner.logits(model, rep, task_ids)
+        z, n = rep, len(y)
+        if joint is not None:  # the current rows come first
+            joint_losses = self.strategy.joint_losses(self.learner, model, joint, rep[n:], logits[n:])
+            z, logits = rep[:n], logits[:n]
         losses = {CURRENT: self.learner.loss(logits, y)}
+        if joint is not None:
+            losses.update(joint_losses)
         losses.update(self.strategy.extra_losses(self.learner, model, batch, z, logits))
-        return losses, z
+        return losses, rep
 
     def after_step(self, model) -> None:
         self.strategy.after_step(self.learner, model)

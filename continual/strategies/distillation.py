@@ -20,9 +20,10 @@ from .base import Strategy
 
 
 def soft_cross_entropy(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over rows of -sum_k softmax(teacher / T)_k log softmax(logits / T)_k."""
+    """Mean over rows of -sum_k softmax(teacher / T)_k log softmax(logits / T)_k (cross_entropy with
+    probability targets computes exactly this)."""
     targets = F.softmax(teacher_logits.float() / temperature, dim=1)
-    return -(targets * F.log_softmax(logits.float() / temperature, dim=1)).sum(1).mean()
+    return F.cross_entropy(logits.float() / temperature, targets)
 
 
 class LwF(Strategy):
@@ -62,10 +63,11 @@ class LwF(Strategy):
         with torch.no_grad():
             old_z = teacher.encode(x)
             old = {h: teacher.heads[h](old_z) for h in self.old_heads}
+        shared = learner.stream.head_name(0) if learner.setting != "task" else None  # the head ``logits`` came from
         losses = []
         for head in self.old_heads:
-            new, target = net.heads[head](z), old[head]
+            new, target = (logits if head == shared else net.heads[head](z)), old[head]
             if learner.setting == "class":
                 new, target = new[:, : self.old_classes], target[:, : self.old_classes]
             losses.append(soft_cross_entropy(new, target, self.temperature))
-        return {"distillation": torch.stack(losses).sum()}
+        return {"distillation": losses[0] if len(losses) == 1 else torch.stack(losses).sum()}

@@ -60,6 +60,7 @@ class QuadraticPenalty(Strategy):
         self.strength = _positive(f"{self.name} strength", strength)
         self.anchors: list[dict[str, torch.Tensor]] = []
         self.importances: list[dict[str, torch.Tensor]] = []
+        self._quadratic: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None  # from the two above
 
     def loss_weights(self) -> dict[str, float]:
         return {"penalty": self.strength / 2 if self.half else self.strength}
@@ -81,27 +82,64 @@ class QuadraticPenalty(Strategy):
         else:
             self.anchors[0] = anchor
             self.importances[0] = self.merge(self.importances[0], omega)
+        self._quadratic = None
 
     def extra_losses(self, learner, model, batch, z, logits):
+        if not self.anchors:
+            return {"penalty": z.new_zeros(())}
+        if self._quadratic is None:
+            self._quadratic = combine_quadratics(self.anchors, self.importances)
         params = named_trainable(model)
-        penalty = z.new_zeros(())
-        for anchor, omega in zip(self.anchors, self.importances):
-            for name, theta_star in anchor.items():
-                if name in params:
-                    penalty = penalty + (omega[name] * (_overlap(params[name], theta_star) - theta_star) ** 2).sum()
-        return {"penalty": penalty}
+        terms = [(a * (_overlap(params[name], m) - m) ** 2).sum()
+                 for name, (a, m, _) in self._quadratic.items() if name in params]
+        constant = sum(c for name, (_, _, c) in self._quadratic.items() if name in params)
+        penalty = terms[0] if terms else z.new_zeros(())
+        for term in terms[1:]:
+            penalty = penalty + term
+        return {"penalty": penalty + constant if constant else penalty}
 
     def get_extra_state(self):
         return {"anchors": self.anchors, "importances": self.importances}
 
     def set_extra_state(self, state) -> None:
         self.anchors, self.importances = list(state["anchors"]), list(state["importances"])
+        self._quadratic = None
 
     def _apply(self, fn, *args, **kwargs):  # keep anchors on the model's device
         super()._apply(fn, *args, **kwargs)
         self.anchors = [{n: fn(t) for n, t in a.items()} for a in self.anchors]
         self.importances = [{n: fn(t) for n, t in a.items()} for a in self.importances]
+        self._quadratic = None
         return self
+
+
+def combine_quadratics(anchors: list[dict[str, torch.Tensor]], importances: list[dict[str, torch.Tensor]]
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The anchors' penalties as one quadratic per parameter: ``{name: (A, m, c)}`` with
+
+        sum_k Omega_k (theta - theta*_k)^2 = A (theta - m)^2 + c,
+        A = sum_k Omega_k,  m = sum_k Omega_k theta*_k / A  (0 where A = 0),  c = sum(sum_k Omega_k theta*_k^2 - A m^2),
+
+    completing the square: a step costs one quadratic per parameter however many anchors
+    there are, with the same value and gradient as the sum over anchors. An anchor that
+    covers only the first rows of a grown head adds to those rows. Computed in float64; with
+    one anchor m is theta* exactly and c is 0.
+    """
+    combined = {}
+    for name in dict.fromkeys(n for anchor in anchors for n in anchor):
+        parts = [(anchor[name], omega[name]) for anchor, omega in zip(anchors, importances) if name in anchor]
+        shape = tuple(max(sizes) for sizes in zip(*(theta.shape for theta, _ in parts)))
+        like = parts[-1][0]
+        a, b, cc = (torch.zeros(shape, dtype=torch.float64, device=like.device) for _ in range(3))
+        for theta, omega in parts:
+            rows = tuple(slice(0, size) for size in theta.shape)
+            weighted = omega.double() * theta.double()
+            a[rows] += omega.double()
+            b[rows] += weighted
+            cc[rows] += weighted * theta.double()
+        m = torch.where(a > 0, b / a.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(b))
+        combined[name] = (a.to(like.dtype), m.to(like.dtype), float((cc - a * m * m).sum()))
+    return combined
 
 
 def _add_into(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ size, then offers its own samples to the memory. Memory targets are head targets
 the sample's task id, so Task-IL replay reads each sample's own head.
 
 - ``er``: cross-entropy on the memory batch, summed with the current loss (Chaudhry et
-  al. 2019, "On tiny episodic memories").
+  al. 2019, "On tiny episodic memories"); both batches in one forward pass.
 - ``agem``: the memory loss is A-GEM's reference gradient; the ``AGEM`` weighting
   projects the current gradient instead of adding (Chaudhry et al., ICLR 2019).
 - ``gem``: one memory loss per past experience (its samples in the memory); the ``GEM``
@@ -73,7 +73,23 @@ class Replay(Strategy):
 
 
 class ER(Replay):
+    """The memory batch is appended to the current one and both go through the model in one pass, as in
+    Chaudhry et al. (2019, Algorithm 1: the gradient of the loss on B u B_M); the two losses stay apart
+    (``current``, ``memory``), so any weighting can combine them."""
+
     name = "er"
+
+    def joint_batch(self, learner, batch):
+        mem = self.memory_batch(len(batch[0]), batch[0].device)
+        return None if mem is None else (mem.inputs, mem.labels, mem.task_ids)
+
+    def joint_losses(self, learner, model, joint, z, logits):
+        return {"memory": learner.loss(logits, joint[1])}
+
+    def memory_losses(self, learner, model, size, z):
+        # extra_losses runs before the current batch enters the memory: an empty memory here is
+        # one joint_batch found empty; otherwise joint_losses gave the memory loss
+        return {"memory": z.new_zeros(())} if len(self.buffer) == 0 else {}
 
 
 class AGEM(Replay):

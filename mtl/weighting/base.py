@@ -40,9 +40,10 @@ class Weighting(nn.Module):
         if not self.task_names:
             raise ConfigError("a weighting needs at least one task name.")
         self.accelerator = None
+        self._plain_backward = True
 
     def run_backward(self, loss: torch.Tensor) -> None:
-        if self.accelerator is not None:
+        if self.accelerator is not None and not self._plain_backward:
             self.accelerator.backward(loss)
         else:
             loss.backward()
@@ -91,6 +92,7 @@ class Weighting(nn.Module):
     def bind(self, accelerator) -> None:
         """Route backward passes through ``accelerator`` (loss scaling, DDP)."""
         self.accelerator = accelerator
+        self._plain_backward = plain_backward(accelerator)
         self.on_bind()
 
     def on_bind(self) -> None:
@@ -132,6 +134,36 @@ class LinearWeighting(Weighting):
     def backward(self, losses, shared_params=None, rep=None):
         self.check_losses(losses)
         weights = self.weights()
-        total = sum(weights[t] * losses[t] for t in self.task_names) + self.regulariser()
+        total = weighted_sum([(weights[t], losses[t]) for t in self.task_names] + [(1.0, self.regulariser())])
         self.run_backward(total)
         return {t: float(weights[t].detach() if torch.is_tensor(weights[t]) else weights[t]) for t in self.task_names}
+
+
+def plain_backward(accelerator) -> bool:
+    """Whether ``accelerator.backward(loss)`` would only call ``loss.backward()``.
+
+    Without a loss scaler (fp16), gradient accumulation, DeepSpeed or Megatron it divides the
+    loss by 1 and calls ``loss.backward()``; DDP averages gradients inside ``backward`` itself.
+    Calling ``loss.backward()`` directly then gives the same gradients without the extra node.
+    """
+    return (getattr(accelerator, "scaler", None) is None and getattr(accelerator, "mixed_precision", "no") != "fp16"
+            and getattr(accelerator, "gradient_accumulation_steps", 1) == 1
+            and getattr(accelerator, "distributed_type", "NO") not in ("DEEPSPEED", "MEGATRON_LM")  # a str enum
+            and not getattr(accelerator, "has_lomo_optimizer", False))
+
+
+def weighted_sum(terms: list[tuple[torch.Tensor | float, torch.Tensor | float]]) -> torch.Tensor:
+    """``sum_k w_k x_k``, left to right, with no graph node for a weight of 1 or a term of 0.
+
+    The same value, bit for bit, as the plain sum: ``1.0 * x == x`` and ``x + 0.0 == x``.
+    Fewer nodes matter at small batches, where each one costs as much as the arithmetic.
+    """
+    total = None
+    for weight, value in terms:
+        if isinstance(value, (int, float)) and value == 0:
+            continue
+        term = value if isinstance(weight, (int, float)) and weight == 1 else weight * value
+        total = term if total is None else total + term
+    if total is None:
+        raise ConfigError("every loss term is a plain zero; a weighting needs at least one loss tensor.")
+    return total
