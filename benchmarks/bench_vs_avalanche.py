@@ -55,15 +55,17 @@ Strategies (ours through ``build_strategy``; Avalanche's class):
   per-sample reservoir as it is trained on and replays from the first batch on; Avalanche
   updates its memory at the end of each experience (a uniform random subset of everything
   seen, the same distribution at experience boundaries) and replays from the second
-  experience on. Ours adds the memory batch's mean cross-entropy to the current batch's
-  (CE_cur + CE_mem, two forward passes); Avalanche concatenates a memory batch of the same
-  size to the current batch and takes one mean cross-entropy over both (a half of our sum,
-  one forward pass).
+  experience on. Both concatenate a memory batch of the same size to the current batch
+  and run one forward pass; ours adds the memory rows' mean cross-entropy to the current
+  rows' (CE_cur + CE_mem), Avalanche takes one mean over both (a half of our sum).
 - lwf: ``LwF(alpha, temperature)`` / ``avalanche.training.LwF(alpha, temperature)``: the
   model after the previous experience as teacher, softened outputs of the old classes (or
   old heads), weight alpha. Ours is the soft cross-entropy, Avalanche's the KL divergence,
-  which differ by a constant (the teacher's entropy): the same gradient. In Task-IL
-  Avalanche runs the current model a second time over all heads on each batch.
+  which differ by a constant (the teacher's entropy): the same gradient. Ours records the
+  teacher's soft targets once per experience before training (the paper's Algorithm 1;
+  the stream has no augmentation, so they equal a teacher pass per batch); Avalanche runs
+  the teacher on every batch. In Task-IL Avalanche runs the current model a second time
+  over all heads on each batch.
 
 Evaluation (the same amount on both sides): after each experience, the accuracy on the
 test split of every experience seen so far. Ours: ``StreamRunner`` evaluates every
@@ -79,11 +81,11 @@ evaluator (which also computes epoch/stream accuracies and losses and prints thr
 Our side is the product as a user runs it, minus what costs time for a person watching:
 ``StreamRunner`` with progress bars and TensorBoard off (``TrainerConfig(progress=False,
 tensorboard=False)``), in a fresh temporary run folder per run (deleted after the clock
-stops). It builds an ``accelerate.Accelerator`` and a Trainer per experience, writes the
-Trainer's checkpoint (model, optimizer, RNG states, history) at the end of each epoch, and
-after each experience the whole-run checkpoint ``checkpoints/stream.pt`` (model, strategy
-state, accuracy matrix, RNG states) and ``accuracy_matrix.json``: that is what makes a
-killed run resumable, and it is part of the time measured. Avalanche writes nothing. The
+stops). It builds an ``accelerate.Accelerator`` and a Trainer per experience (which writes
+its ``config.json`` and ``history.json``), and after each experience the whole-run
+checkpoint ``checkpoints/stream.pt`` (model, strategy state, accuracy matrix, RNG states)
+and ``accuracy_matrix.json``, every file written atomically and flushed to disk: that is
+what makes a killed run resumable, and it is part of the time measured. Avalanche writes nothing. The
 runner's one line per experience goes to an in-memory buffer.
 
 How it is measured (wall clock, ``time.perf_counter``): each (strategy, side) pair first
@@ -193,7 +195,7 @@ AVALANCHE_CLASSES = {
 OUR_RUN = (
     "StreamRunner(ContinualLearner, build_strategy(name), TrainerConfig(optimizer='sgd', progress=False, "
     "tensorboard=False, cpu=True)).run() in a fresh temporary run folder: per experience an Accelerator and a "
-    "Trainer, the Trainer's checkpoint at the end of each epoch, then checkpoints/stream.pt (model, strategy state, "
+    "Trainer (its config.json and history.json), then checkpoints/stream.pt (model, strategy state, "
     "accuracy matrix, RNG states) and accuracy_matrix.json; evaluation of every seen experience after each "
     "experience (the Class-IL task-aware second matrix turned off)"
 )
@@ -203,8 +205,8 @@ AVALANCHE_RUN = (
     "instead of the default evaluator (no printing or progress bars), eval_every=-1; nothing written to disk"
 )
 DIFFERENCES = [
-    "Checkpoints: our runner writes the Trainer's checkpoint (model, optimizer, RNG, history) after each epoch and "
-    "the whole-run checkpoint (model, strategy state, accuracy matrix, RNGs) after each experience, so a killed run "
+    "Checkpoints: our runner writes the whole-run checkpoint (model, strategy state, accuracy matrix, RNGs) and the "
+    "experience's Trainer history after each experience, atomically and flushed to disk, so a killed run "
     "resumes exactly; Avalanche writes nothing (its CheckpointPlugin is not used). Our time includes this.",
     "Per experience our runner builds an accelerate.Accelerator and a Trainer (one code path for CPU, GPU and "
     "multi-GPU); Avalanche reuses one strategy object.",
@@ -216,16 +218,18 @@ DIFFERENCES = [
     "Avalanche's the squared gradient of each minibatch's mean loss, averaged over minibatches (much smaller: the "
     "same lambda regularises less).",
     "ER: ours is a per-sample reservoir updated at every step (current samples included) and replays from the "
-    "first batch; the loss is CE(current) + CE(memory batch of the same size), two forward passes. Avalanche's "
-    "ReservoirSamplingBuffer is updated at the end of each experience and replays from the second; its loss is one "
-    "mean CE over the current batch concatenated with a memory batch of the same size (half our sum), one forward.",
+    "first batch; Avalanche's ReservoirSamplingBuffer is updated at the end of each experience and replays from the "
+    "second. Both forward the current batch concatenated with a memory batch of the same size in one pass; our loss "
+    "is CE(current rows) + CE(memory rows), Avalanche's one mean CE over both (half our sum).",
     "LwF: the soft cross-entropy (ours) and the KL divergence (Avalanche's) to the previous model's softened "
-    "outputs on the old classes differ by a constant: the same gradient, the same alpha and temperature. In "
-    "Task-IL Avalanche forwards the current model a second time over all heads on each batch.",
+    "outputs on the old classes differ by a constant: the same gradient, the same alpha and temperature. Ours "
+    "records those outputs once per experience before training (LwF's Algorithm 1), Avalanche runs the old model "
+    "on every batch. In Task-IL Avalanche forwards the current model a second time over all heads on each batch.",
     "Heads: both grow a linear classifier (Class-IL: masked units in Avalanche, sliced outputs here) or add one per "
     "task (Task-IL); new units take their weights from one seeded table on both sides (instead of each library's "
     "draw from the global RNG), so that both start every unit from the same weights.",
-    "Data: the same tensors and experiences; ours are read from float tensors per item, Avalanche wraps them in its "
+    "Data: the same tensors and experiences; ours are gathered a batch at a time from float tensors, Avalanche wraps "
+    "them in its "
     "AvalancheDataset (nc_benchmark, as its SplitMNIST does). Shuffling differs (ours: a seeded epoch sampler; "
     "Avalanche: the global RNG, seeded before each run).",
 ]

@@ -189,10 +189,12 @@ class ReplayBuffer:
     def _write(self, slots, rows, inputs, labels, task_ids, logits) -> None:
         dev = self.device
         at = slots.to(dev)
-        self._inputs[at] = inputs[rows].to(dev)
-        self._labels[at] = labels[rows].to(dev)
-        self._cpu_labels[slots] = labels[rows]
-        self._task_ids[at] = task_ids[rows].to(dev)
+        # index_copy_ / index_select: the slots are distinct, and both cost less than indexing with tensors
+        self._inputs.index_copy_(0, at, inputs.index_select(0, rows.to(inputs.device)).to(dev))
+        labels = labels.index_select(0, rows)
+        self._labels.index_copy_(0, at, labels.to(dev))
+        self._cpu_labels.index_copy_(0, slots, labels)
+        self._task_ids.index_copy_(0, at, task_ids.index_select(0, rows).to(dev))
         if logits is not None:
             width = logits.shape[1]
             self._logits[at] = 0.0
@@ -272,11 +274,11 @@ class ReplayBuffer:
         dev_idx = idx.to(self.device)
         logits = mask = None
         if self.stores_logits:
-            logits = self._logits[dev_idx]
+            logits = self._logits.index_select(0, dev_idx)
             cols = torch.arange(logits.shape[1], device=self.device)
-            mask = cols.unsqueeze(0) < self._logit_widths[dev_idx].unsqueeze(1)
-        return ReplayBatch(self._inputs[dev_idx], self._labels[dev_idx], self._task_ids[dev_idx],
-                           logits, mask, idx)
+            mask = cols.unsqueeze(0) < self._logit_widths.index_select(0, dev_idx).unsqueeze(1)
+        return ReplayBatch(self._inputs.index_select(0, dev_idx), self._labels.index_select(0, dev_idx),
+                           self._task_ids.index_select(0, dev_idx), logits, mask, idx)
 
     # ----- checkpoints -------------------------------------------------------------------------
 

@@ -78,7 +78,8 @@ class LabelledImages(Dataset):
     def take(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """The images (a copy) and labels at ``indices``, gathered at once rather than item by item."""
         # one index tensor for both gathers; index_select costs half of advanced indexing at small batches
-        indices = torch.as_tensor(indices, dtype=torch.long)
+        if not isinstance(indices, torch.Tensor):
+            indices = torch.as_tensor(indices, dtype=torch.long)
         images = self.images.index_select(0, indices)
         if self.permutation is not None:
             images = images.flatten(2)[:, :, self.permutation].view(images.shape)

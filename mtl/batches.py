@@ -29,7 +29,7 @@ class Gathered(Sequence):
     """A batch as its fields' tensors (``images, labels, ...``, dim 0 the samples), also a sequence of samples."""
 
     def __init__(self, *fields: torch.Tensor):
-        if not fields or any(len(f) != len(fields[0]) for f in fields):
+        if not fields or len({f.shape[0] for f in fields}) != 1:
             raise ValueError(f"a gathered batch needs fields of one length, got {[len(f) for f in fields]}")
         self.fields = fields
 

@@ -52,8 +52,12 @@ class MultiTaskModel(nn.Module):
             # The heads read the very tensors returned, in float32: Accelerate turns low-precision
             # outputs into float32 copies, which the heads would not have used (no gradient).
             # Feature maps are nested (each computed from the one before); reading fresh tensors
-            # also makes a gradient with respect to them the heads' own (partial) one.
-            z = [_head_input(f) for f in z] if isinstance(z, (list, tuple)) else _head_input(z)
+            # also makes a gradient with respect to them the heads' own (partial) one. A single
+            # representation feeds nothing but the heads, so it needs no fresh view.
+            if isinstance(z, (list, tuple)):
+                z = [_head_input(f, fresh=True) for f in z]
+            else:
+                z = _head_input(z, fresh=False)
         outputs = self.decode(z, tasks)
         return (outputs, z) if return_rep else outputs
 
@@ -94,7 +98,9 @@ class MultiTaskModel(nn.Module):
         return tasks
 
 
-def _head_input(f):
+def _head_input(f, fresh: bool):
     if not isinstance(f, torch.Tensor):
         return f
-    return f.float() if f.dtype in (torch.float16, torch.bfloat16) else f.view_as(f)
+    if f.dtype in (torch.float16, torch.bfloat16):
+        return f.float()
+    return f.view_as(f) if fresh else f

@@ -456,3 +456,28 @@ def test_combined_quadratic_has_the_value_and_gradient_of_the_sum_over_anchors()
     single = combine_quadratics(anchors[:1], importances[:1])["head"]
     weighted = importances[0]["head"] > 0
     assert torch.equal(single[1][weighted], anchors[0]["head"][weighted]) and single[2] == 0.0  # m = theta*, c = 0
+
+
+def test_flat_quadratic_is_the_sum_over_parameters_with_its_gradient():
+    """The one-node penalty on two parameters, one of them a head grown since the anchor."""
+    from continual.strategies.regularisation import FlatQuadratic
+
+    gen = torch.Generator().manual_seed(1)
+    combined = {"w": (torch.rand(2, 3, generator=gen), torch.randn(2, 3, generator=gen), 0.25),
+                "b": (torch.rand(4, generator=gen), torch.randn(4, generator=gen), 0.0),
+                "frozen": (torch.rand(1), torch.zeros(1), 5.0)}
+    params = {"w": torch.randn(5, 3, generator=gen, requires_grad=True),
+              "b": torch.randn(4, generator=gen, requires_grad=True)}
+    quadratic = FlatQuadratic(combined, params)
+    assert quadratic.names == ["w", "b"] and quadratic.fits(params) and not quadratic.fits({"w": params["w"]})
+    got = quadratic(params)
+    expected = sum((a * (params[n][: m.shape[0]] - m) ** 2).sum() + c for n, (a, m, c) in combined.items()
+                   if n in params)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(torch.autograd.grad(got, list(params.values())),
+                    torch.autograd.grad(expected, list(params.values()))):
+        torch.testing.assert_close(g, e)
+    one = {"t": (torch.rand(3, dtype=torch.float64, generator=gen), torch.randn(3, dtype=torch.float64, generator=gen),
+                 0.0)}
+    assert torch.autograd.gradcheck(lambda t: FlatQuadratic(one, {"t": t})({"t": t}),
+                                    (torch.randn(3, dtype=torch.float64, generator=gen, requires_grad=True),))

@@ -138,3 +138,47 @@ def test_der_gives_the_class_il_head_every_class_of_the_stream_from_the_start(tm
     assert runner.learner.model.heads["classifier"].num_classes == 6  # 3 experiences x 2 classes, before any
     plain = make_runner(tmp_path / "plain", "class", strategy="er", buffer_size=8)
     assert plain.learner.model.heads["classifier"].num_classes == 0  # grows as experiences come
+
+
+@pytest.mark.parametrize("setting", ["task", "class", "domain"])
+def test_lwf_records_the_old_models_outputs_once_as_a_teacher_pass_would_give_them(setting):
+    """LwF's Algorithm 1 records Y_o before training: the recorded rows are the old model's softened outputs on
+    each sample (its old heads side by side, the old classes only in Class-IL), and the loss from them is the
+    soft cross-entropy against a teacher pass on the batch."""
+    from continual.learner import ContinualLearner
+    from continual.strategies.distillation import WithRecorded
+    from mtl.encoders import build_encoder
+    from test_continual_runner import tiny_split
+
+    stream = tiny_split(setting)
+    torch.manual_seed(0)
+    learner = ContinualLearner(build_encoder("mlp", in_channels=1, size=28, hidden=(16,)), stream)
+    lwf = build_strategy("lwf", temperature=3.0)
+    for experience in stream:  # the third experience, after two
+        with torch.no_grad():  # the model moves on between experiences
+            for p in learner.model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        learner.prepare(experience)
+        lwf.before_experience(learner, experience)
+    data = lwf.train_data(learner, stream[2])
+    assert isinstance(data, WithRecorded)
+    teacher = lwf.teacher[0]
+    x, y, t = data.data.batch(range(len(data)))
+    z_old = learner.encode(teacher, x, t)
+    expected = torch.cat([torch.softmax(lwf.old_part(learner, teacher.heads[h](z_old)) / 3.0, dim=1)
+                          for h in lwf.old_heads], dim=1)
+    torch.testing.assert_close(data.recorded, expected)
+    widths = {"task": 2 * learner.width, "class": 4, "domain": learner.width}
+    assert data.recorded.shape == (len(data), widths[setting])
+    batch = data.__getitems__([3, 0, 7])
+    for field, one in zip(batch.fields, data[7]):
+        assert torch.equal(field[2], torch.as_tensor(one))
+    batch = list(batch.fields)
+    model = learner.model
+    z = learner.encode(model, batch[0], batch[2])
+    logits = learner.logits(model, z, batch[2])
+    loss = lwf.extra_losses(learner, model, batch, z, logits)["distillation"]
+    by_hand = sum(soft_cross_entropy(lwf.old_part(learner, model.heads[h](z)),
+                                     lwf.old_part(learner, teacher.heads[h](learner.encode(teacher, batch[0], batch[2]))),
+                                     3.0) for h in lwf.old_heads)
+    torch.testing.assert_close(loss, by_hand)

@@ -118,16 +118,17 @@ class ContinualObjective(Objective):
         self.loss_names = [CURRENT, *strategy.extra_loss_names]
 
     def losses(self, model, batch):
-        x, y, task_ids = batch
+        x, y, task_ids = batch[:3]  # a strategy's own data may add fields (LwF's recorded outputs)
         joint = self.strategy.joint_batch(self.learner, batch)
         if joint is not None:
             x, task_ids = torch.cat([x, joint[0]]), torch.cat([task_ids, joint[2]])
         rep = self.learner.encode(model, x, task_ids)
         logits = self.learner.logits(model, rep, task_ids)
-        z, n = rep, len(y)
-        if joint is not None:  # the current rows come first
-            joint_losses = self.strategy.joint_losses(self.learner, model, joint, rep[n:], logits[n:])
-            z, logits = rep[:n], logits[:n]
+        z = rep
+        if joint is not None:  # the current rows come first; one split node each instead of two slices
+            sizes = [len(y), len(joint[1])]
+            (z, joint_z), (logits, joint_logits) = rep.split(sizes), logits.split(sizes)
+            joint_losses = self.strategy.joint_losses(self.learner, model, joint, joint_z, joint_logits)
         losses = {CURRENT: self.learner.loss(logits, y)}
         if joint is not None:
             losses.update(joint_losses)

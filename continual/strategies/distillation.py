@@ -13,17 +13,23 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
+from mtl.batches import Gathered
 from mtl.errors import ConfigError
 
 from .base import Strategy
 
 
+def soft_targets(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(teacher / T), row by row, in float32."""
+    return F.softmax(teacher_logits.float() / temperature, dim=1)
+
+
 def soft_cross_entropy(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over rows of -sum_k softmax(teacher / T)_k log softmax(logits / T)_k (cross_entropy with
     probability targets computes exactly this)."""
-    targets = F.softmax(teacher_logits.float() / temperature, dim=1)
-    return F.cross_entropy(logits.float() / temperature, targets)
+    return F.cross_entropy(logits.float() / temperature, soft_targets(teacher_logits, temperature))
 
 
 class LwF(Strategy):
@@ -54,20 +60,60 @@ class LwF(Strategy):
         # Class-IL: prepare() appended this experience's classes after the old ones
         self.old_classes = len([c for c in learner.seen_classes if c not in experience.classes])
 
+    def train_data(self, learner, experience):
+        """The experience's data with the old model's soft targets recorded once per sample, before training: LwF's
+        Algorithm 1 ("Y_o <- CNN(X_n, theta_s, theta_o)"). The old model is fixed and the stream's images are
+        not augmented, so recording gives what a teacher pass on every batch would, at a fifth of the cost
+        over five epochs."""
+        data = super().train_data(learner, experience)
+        if self.teacher is None or not self.old_heads:
+            return data
+        return WithRecorded(data, self.record(learner, data))
+
+    @torch.no_grad()
+    def record(self, learner, data, batch_size: int = 256) -> torch.Tensor:
+        """``(N, outputs)``: the teacher's softened outputs softmax(y_o / T) on every sample of ``data`` (the soft
+        targets), the old heads side by side."""
+        teacher = self.teacher[0]
+        device = next(teacher.parameters()).device
+        rows = []
+        for start in range(0, len(data), batch_size):
+            x, _, task_ids = data.batch(range(start, min(start + batch_size, len(data))))
+            z = learner.encode(teacher, x.to(device), task_ids.to(device))
+            rows.append(torch.cat([soft_targets(self.old_part(learner, teacher.heads[h](z)), self.temperature)
+                                   for h in self.old_heads], dim=1))
+        return torch.cat(rows)
+
+    def old_part(self, learner, outputs: torch.Tensor) -> torch.Tensor:
+        """The outputs the old model was trained on: the old classes' in Class-IL, all of a head's otherwise."""
+        return outputs[:, : self.old_classes] if learner.setting == "class" else outputs
+
     def extra_losses(self, learner, model, batch, z, logits):
         if self.teacher is None or not self.old_heads:
             return {"distillation": z.new_zeros(())}
-        x = batch[0]
-        teacher = self.teacher[0]
         net = getattr(model, "module", model)
-        with torch.no_grad():
-            old_z = teacher.encode(x)
-            old = {h: teacher.heads[h](old_z) for h in self.old_heads}
         shared = learner.stream.head_name(0) if learner.setting != "task" else None  # the head ``logits`` came from
-        losses = []
-        for head in self.old_heads:
-            new, target = (logits if head == shared else net.heads[head](z)), old[head]
-            if learner.setting == "class":
-                new, target = new[:, : self.old_classes], target[:, : self.old_classes]
-            losses.append(soft_cross_entropy(new, target, self.temperature))
+        recorded = batch[3].split(batch[3].shape[1] // len(self.old_heads), dim=1)
+        losses = [F.cross_entropy(self.old_part(learner, logits if head == shared else net.heads[head](z)).float()
+                                  / self.temperature, targets)
+                  for head, targets in zip(self.old_heads, recorded)]
         return {"distillation": losses[0] if len(losses) == 1 else torch.stack(losses).sum()}
+
+
+class WithRecorded(Dataset):
+    """``(image, target, task id, recorded row)``: training data with one recorded tensor row per sample."""
+
+    def __init__(self, data, recorded: torch.Tensor):
+        if len(recorded) != len(data):
+            raise ValueError(f"{len(recorded)} recorded rows for {len(data)} samples")
+        self.data, self.recorded = data, recorded
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return (*self.data[i], self.recorded[i])
+
+    def __getitems__(self, indices) -> Gathered:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return Gathered(*self.data.batch(index), self.recorded.index_select(0, index.to(self.recorded.device)))

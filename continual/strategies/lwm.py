@@ -28,6 +28,7 @@ from torch import nn
 
 from mtl.errors import ConfigError
 
+from .base import Strategy
 from .distillation import LwF, soft_cross_entropy
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -129,6 +130,10 @@ class LwM(LwF):
         net = getattr(learner.model, "module", learner.model)
         self._probes = {"old": ActivationProbe(self.teacher[0].get_submodule(self.conv_name), leaf=True),
                         "new": ActivationProbe(net.get_submodule(self.conv_name))}
+
+    def train_data(self, learner, experience):
+        # the old model runs on every batch anyway (its Grad-CAM needs the gradient): nothing to record
+        return Strategy.train_data(self, learner, experience)
 
     def after_experience(self, learner, experience) -> None:
         self._remove_probes()

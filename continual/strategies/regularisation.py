@@ -35,11 +35,11 @@ from ..fisher import empirical_fisher
 from .base import Strategy, named_trainable
 
 
-def _overlap(current: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    """The part of ``current`` that ``anchor`` covers (a grown head keeps its old rows first)."""
-    if current.shape == anchor.shape:
+def _leading(current: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The part of ``current`` an anchor of ``shape`` covers (a grown head keeps its old rows first)."""
+    if current.shape == shape:
         return current
-    return current[tuple(slice(0, s) for s in anchor.shape)]
+    return current[tuple(slice(0, s) for s in shape)]
 
 
 def _positive(name: str, value: float) -> float:
@@ -60,7 +60,7 @@ class QuadraticPenalty(Strategy):
         self.strength = _positive(f"{self.name} strength", strength)
         self.anchors: list[dict[str, torch.Tensor]] = []
         self.importances: list[dict[str, torch.Tensor]] = []
-        self._quadratic: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None  # from the two above
+        self._quadratic: FlatQuadratic | None = None  # the two above as one quadratic, built when first needed
 
     def loss_weights(self) -> dict[str, float]:
         return {"penalty": self.strength / 2 if self.half else self.strength}
@@ -87,16 +87,11 @@ class QuadraticPenalty(Strategy):
     def extra_losses(self, learner, model, batch, z, logits):
         if not self.anchors:
             return {"penalty": z.new_zeros(())}
-        if self._quadratic is None:
-            self._quadratic = combine_quadratics(self.anchors, self.importances)
         params = named_trainable(model)
-        terms = [(a * (_overlap(params[name], m) - m) ** 2).sum()
-                 for name, (a, m, _) in self._quadratic.items() if name in params]
-        constant = sum(c for name, (_, _, c) in self._quadratic.items() if name in params)
-        penalty = terms[0] if terms else z.new_zeros(())
-        for term in terms[1:]:
-            penalty = penalty + term
-        return {"penalty": penalty + constant if constant else penalty}
+        if self._quadratic is None or not self._quadratic.fits(params):
+            self._quadratic = FlatQuadratic(combine_quadratics(self.anchors, self.importances), params)
+        penalty = self._quadratic(params)
+        return {"penalty": penalty if penalty is not None else z.new_zeros(())}
 
     def get_extra_state(self):
         return {"anchors": self.anchors, "importances": self.importances}
@@ -111,6 +106,51 @@ class QuadraticPenalty(Strategy):
         self.importances = [{n: fn(t) for n, t in a.items()} for a in self.importances]
         self._quadratic = None
         return self
+
+
+class FlatQuadratic:
+    """``sum_i A_i (theta_i - m_i)^2 + c`` over the parameters the anchors cover, as one flat vector.
+
+    The parameters (their leading rows, for a head that grew since the anchor) are joined into
+    one vector per step: a handful of operations instead of several per parameter.
+    """
+
+    def __init__(self, combined: dict[str, tuple[torch.Tensor, torch.Tensor, float]], params: dict[str, torch.Tensor]):
+        self.covered = set(combined)
+        self.names = [n for n in combined if n in params]
+        self.shapes = [combined[n][1].shape for n in self.names]
+        self.a = torch.cat([combined[n][0].reshape(-1) for n in self.names]) if self.names else None
+        self.m = torch.cat([combined[n][1].reshape(-1) for n in self.names]) if self.names else None
+        self.c = sum(combined[n][2] for n in self.names)
+
+    def fits(self, params: dict[str, torch.Tensor]) -> bool:
+        """Whether it was built for these trainable parameters (freezing one changes what is penalised)."""
+        return sorted(self.covered.intersection(params)) == sorted(self.names)
+
+    def __call__(self, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The penalty at ``params``; None when no trainable parameter is covered."""
+        if not self.names:
+            return None
+        theta = torch.cat([_leading(params[n], shape).reshape(-1) for n, shape in zip(self.names, self.shapes)])
+        penalty = _WeightedSquares.apply(theta, self.a, self.m)
+        return penalty + self.c if self.c else penalty
+
+
+class _WeightedSquares(torch.autograd.Function):
+    """``sum a (theta - m)^2`` with the gradient ``2 a (theta - m)`` in one graph node: three passes over the
+    vector forward and one backward, where the same expression through autograd takes about twice as many."""
+
+    @staticmethod
+    def forward(ctx, theta, a, m):
+        moved = theta - m
+        weighted = a * moved
+        ctx.save_for_backward(weighted)
+        return torch.dot(weighted, moved)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weighted,) = ctx.saved_tensors
+        return weighted * (2 * grad), None, None
 
 
 def combine_quadratics(anchors: list[dict[str, torch.Tensor]], importances: list[dict[str, torch.Tensor]]

@@ -56,6 +56,8 @@ class Replay(Strategy):
         if len(self.buffer) == 0:
             return None
         mem = self.buffer.sample(size)
+        if mem.inputs.device == torch.device(device):
+            return mem
         return mem._replace(**{k: getattr(mem, k).to(device) for k in ("inputs", "labels", "task_ids", "logits",
                                                                          "logits_mask") if getattr(mem, k) is not None})
 
