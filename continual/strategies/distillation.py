@@ -26,10 +26,14 @@ def soft_targets(teacher_logits: torch.Tensor, temperature: float) -> torch.Tens
     return F.softmax(teacher_logits.float() / temperature, dim=1)
 
 
+def cross_entropy_to(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over rows of -sum_k targets_k log softmax(logits / T)_k (cross_entropy with probability targets)."""
+    return F.cross_entropy(logits.float() / temperature, targets)
+
+
 def soft_cross_entropy(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over rows of -sum_k softmax(teacher / T)_k log softmax(logits / T)_k (cross_entropy with
-    probability targets computes exactly this)."""
-    return F.cross_entropy(logits.float() / temperature, soft_targets(teacher_logits, temperature))
+    """Mean over rows of -sum_k softmax(teacher / T)_k log softmax(logits / T)_k."""
+    return cross_entropy_to(logits, soft_targets(teacher_logits, temperature), temperature)
 
 
 class LwF(Strategy):
@@ -94,8 +98,8 @@ class LwF(Strategy):
         net = getattr(model, "module", model)
         shared = learner.stream.head_name(0) if learner.setting != "task" else None  # the head ``logits`` came from
         recorded = batch[3].split(batch[3].shape[1] // len(self.old_heads), dim=1)
-        losses = [F.cross_entropy(self.old_part(learner, logits if head == shared else net.heads[head](z)).float()
-                                  / self.temperature, targets)
+        losses = [cross_entropy_to(self.old_part(learner, logits if head == shared else net.heads[head](z)), targets,
+                                   self.temperature)
                   for head, targets in zip(self.old_heads, recorded)]
         return {"distillation": losses[0] if len(losses) == 1 else torch.stack(losses).sum()}
 

@@ -142,10 +142,11 @@ class _WeightedSquares(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta, a, m):
-        moved = theta - m
-        weighted = a * moved
-        ctx.save_for_backward(weighted)
-        return torch.dot(weighted, moved)
+        with torch.autocast(theta.device.type, enabled=False):  # a penalty sums ~1e5 terms: keep float32
+            moved = theta - m
+            weighted = a * moved
+            ctx.save_for_backward(weighted)
+            return torch.dot(weighted, moved)
 
     @staticmethod
     def backward(ctx, grad):
