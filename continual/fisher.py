@@ -173,13 +173,18 @@ def _vmap_squares(model, names, log_likelihood, x, y, chunk_size) -> dict[str, t
         return _scalar(log_likelihood(out, yi.unsqueeze(0)))
 
     per_sample = vmap(grad(one_sample), in_dims=(None, 0, 0), chunk_size=chunk_size)(selected, x, y)
-    # Squared and summed over the chunk in (at least) float32, then accumulated over chunks in float64:
-    # within 2e-7 (relative) of summing in float64, and 6x faster than a float64 reduction of float32 values.
-    return {n: _at_least_float32(per_sample[n]).square().sum(0).double() for n in names}
+    return {n: _sum_of_squares(per_sample[n]) for n in names}
 
 
-def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+def _sum_of_squares(per_sample: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 of the squares, in float64 for accumulating over chunks.
+
+    Squared and summed over the chunk in (at least) float32 -- vecdot along the samples, one
+    pass without a squared copy -- then cast: within 2e-7 (relative) of summing in float64,
+    and several times faster than a float64 reduction of float32 values.
+    """
+    g = per_sample.to(torch.promote_types(per_sample.dtype, torch.float32))
+    return torch.linalg.vecdot(g, g, dim=0).double()
 
 
 def _loop_squares(model, names, log_likelihood, x, y, chunk_size) -> dict[str, torch.Tensor]:

@@ -154,8 +154,7 @@ class ContinualLearner:
             allowed = torch.tensor(sorted(self.stream.head_label(experience, torch.tensor(experience.classes))
                                           .tolist()), device=device)
         correct = 0
-        for start in range(0, len(data), batch_size):
-            x, y, t = data.batch(range(start, min(start + batch_size, len(data))))
+        for x, y, t in data.batches(batch_size):
             x, t = x.to(device), t.to(device)
             logits = scores(net, x, t) if scores is not None else None
             if logits is None:
@@ -188,6 +187,11 @@ class ExperienceData(Dataset):
         take = getattr(self.data, "take", None)  # one gather where the images are one tensor
         images = take(index)[0] if take is not None else torch.stack([self.data[i][0] for i in index.tolist()])
         return images, self.targets.index_select(0, index), torch.full((len(index),), self.task_id, dtype=torch.long)
+
+    def batches(self, batch_size: int):
+        """The split in order, ``batch_size`` samples at a time, each ``(images, targets, task_ids)``."""
+        for start in range(0, len(self), batch_size):
+            yield self.batch(range(start, min(start + batch_size, len(self))))
 
     def __getitems__(self, indices) -> Gathered:
         """A DataLoader's batch fetch: the items of ``indices`` from one gather (same items as ``__getitem__``)."""

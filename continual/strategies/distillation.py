@@ -81,8 +81,7 @@ class LwF(Strategy):
         teacher = self.teacher[0]
         device = next(teacher.parameters()).device
         rows = []
-        for start in range(0, len(data), batch_size):
-            x, _, task_ids = data.batch(range(start, min(start + batch_size, len(data))))
+        for x, _, task_ids in data.batches(batch_size):
             z = learner.encode(teacher, x.to(device), task_ids.to(device))
             rows.append(torch.cat([soft_targets(self.old_part(learner, teacher.heads[h](z)), self.temperature)
                                    for h in self.old_heads], dim=1))

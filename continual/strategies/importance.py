@@ -26,7 +26,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from torch.utils.data import DataLoader
 
 from mtl.errors import ConfigError
 
@@ -115,7 +114,7 @@ class MAS(QuadraticPenalty):
             return out[head].float().square().sum()
 
         with _eval_mode(net):
-            for x, _, _ in DataLoader(ExperienceData(experience, learner, "train"), batch_size=self.batch_size):
+            for x, _, _ in ExperienceData(experience, learner, "train").batches(self.batch_size):
                 grads = per_sample_gradients(net, names, squared_norm, x.to(device), tasks=[head])
                 for n in names:
                     totals[n] += grads[n].abs().sum(0, dtype=torch.float64)

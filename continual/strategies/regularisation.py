@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from mtl.errors import ConfigError
 
@@ -195,8 +194,8 @@ def experience_fisher(learner, experience, batch_size: int = 64) -> dict[str, to
     from ..learner import ExperienceData
 
     head = learner.stream.head_name(experience)
-    loader = DataLoader(ExperienceData(experience, learner, "train"), batch_size=batch_size)
-    return empirical_fisher(getattr(learner.model, "module", learner.model), loader,
+    batches = ExperienceData(experience, learner, "train").batches(batch_size)
+    return empirical_fisher(getattr(learner.model, "module", learner.model), batches,
                             lambda out, y: -F.cross_entropy(out[head].float(), y, reduction="none"))
 
 
