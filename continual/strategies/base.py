@@ -124,14 +124,12 @@ class ContinualObjective(Objective):
             x, task_ids = torch.cat([x, joint[0]]), torch.cat([task_ids, joint[2]])
         rep = self.learner.encode(model, x, task_ids)
         logits = self.learner.logits(model, rep, task_ids)
-        z = rep
+        z, joint_losses = rep, {}
         if joint is not None:  # the current rows come first; one split node each instead of two slices
             sizes = [len(y), len(joint[1])]
             (z, joint_z), (logits, joint_logits) = rep.split(sizes), logits.split(sizes)
             joint_losses = self.strategy.joint_losses(self.learner, model, joint, joint_z, joint_logits)
-        losses = {CURRENT: self.learner.loss(logits, y)}
-        if joint is not None:
-            losses.update(joint_losses)
+        losses = {CURRENT: self.learner.loss(logits, y), **joint_losses}
         losses.update(self.strategy.extra_losses(self.learner, model, batch, z, logits))
         return losses, rep
 

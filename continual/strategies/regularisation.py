@@ -117,6 +117,7 @@ class FlatQuadratic:
     def __init__(self, combined: dict[str, tuple[torch.Tensor, torch.Tensor, float]], params: dict[str, torch.Tensor]):
         self.covered = set(combined)
         self.names = [n for n in combined if n in params]
+        self.penalised = set(self.names)
         self.shapes = [combined[n][1].shape for n in self.names]
         self.a = torch.cat([combined[n][0].reshape(-1) for n in self.names]) if self.names else None
         self.m = torch.cat([combined[n][1].reshape(-1) for n in self.names]) if self.names else None
@@ -124,7 +125,7 @@ class FlatQuadratic:
 
     def fits(self, params: dict[str, torch.Tensor]) -> bool:
         """Whether it was built for these trainable parameters (freezing one changes what is penalised)."""
-        return sorted(self.covered.intersection(params)) == sorted(self.names)
+        return self.covered.intersection(params) == self.penalised
 
     def __call__(self, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The penalty at ``params``; None when no trainable parameter is covered."""
