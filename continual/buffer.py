@@ -6,11 +6,14 @@ it when it was seen (DER, Buzzega et al., NeurIPS 2020, replays those logits).
 
 Two policies decide which samples stay:
 
-- ``"reservoir"``: Vitter's Algorithm R (ACM TOMS 1985), per sample along the stream:
-  the n-th sample offered (n > capacity) takes a uniformly chosen slot with probability
-  capacity / n. Every sample seen so far is then in memory with the same probability
-  capacity / n, however the stream was cut into batches. (Doing this per batch, or
-  keeping "the last ones", biases the memory towards recent tasks.)
+- ``"reservoir"``: reservoir sampling per sample along the stream: the n-th sample offered
+  (n > capacity) takes a uniformly chosen slot with probability capacity / n (Vitter's
+  Algorithm R, ACM TOMS 1985). Every sample seen so far is then in memory with the same
+  probability capacity / n, however the stream was cut into batches. (Doing this per
+  batch, or keeping "the last ones", biases the memory towards recent tasks.) The draws
+  follow Li's Algorithm L (ACM TOMS 1994), which has Algorithm R's law but draws the gap
+  to the next sample that enters instead of one number per sample: a batch none of whose
+  samples enters costs no random draw.
 - ``"class_balanced"``: class-balanced reservoir sampling (CBRS, Chrysakis & Moens,
   ICML 2020): while the memory is full, a sample of a class that is not among the
   largest in memory replaces a random sample of a largest class (ties between largest
@@ -79,6 +82,9 @@ class ReplayBuffer:
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(int(seed))
         self._seen = 0
+        # Algorithm L: the stream position of the next sample that enters the full memory, and
+        # its W (the largest of the memory's random keys); -1 / 1.0 until the memory is full
+        self._next_entry, self._w = -1, 1.0
         self._class_seen: dict[int, int] = {}  # class -> samples of it offered so far (CBRS)
         self._inputs: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
@@ -138,19 +144,35 @@ class ReplayBuffer:
         self._write(slots, rows, inputs, labels, task_ids, logits)
 
     def _plan_reservoir(self, b: int) -> dict[int, int]:
-        """Algorithm R for the batch: slot -> row of the batch that ends up in it."""
+        """Reservoir sampling for the batch: slot -> row of the batch that ends up in it."""
         plan: dict[int, int] = {}
         fill = max(0, min(b, self.capacity - self._seen))
         for row in range(fill):
             plan[self._seen + row] = row
-        if fill < b:
-            u = torch.rand(b - fill, dtype=torch.float64, generator=self.generator).tolist()
-            for row, draw in zip(range(fill, b), u):
-                n = self._seen + row + 1  # 1-based position of this sample in the stream
-                slot = min(int(draw * n), n - 1)  # uniform on {0, ..., n-1}
-                if slot < self.capacity:  # probability capacity / n
-                    plan[slot] = row
+        if fill == b:
+            return plan
+        if self._next_entry < 0:  # the memory is full from this batch on
+            u_w, u_gap = self._uniforms(2)
+            self._w = self._next_w(1.0, u_w)
+            self._next_entry = self.capacity - 1 + self._gap(u_gap)
+        while self._next_entry < self._seen + b:
+            u_slot, u_w, u_gap = self._uniforms(3)
+            plan[min(int(u_slot * self.capacity), self.capacity - 1)] = self._next_entry - self._seen
+            self._w = self._next_w(self._w, u_w)
+            self._next_entry += self._gap(u_gap)
         return plan
+
+    def _uniforms(self, n: int) -> list[float]:
+        """``n`` uniform draws on (0, 1] from the buffer's generator."""
+        return [1.0 - u for u in torch.rand(n, dtype=torch.float64, generator=self.generator).tolist()]
+
+    def _next_w(self, w: float, u: float) -> float:
+        # the largest of the capacity keys in memory (uniform on (0, 1)) once the key above it left
+        return w * math.exp(math.log(u) / self.capacity)
+
+    def _gap(self, u: float) -> int:
+        """1 + how many samples pass before the next one enters: geometric, each entering with probability W."""
+        return math.floor(math.log(u) / math.log1p(-self._w)) + 1 if self._w < 1.0 else 1
 
     def _plan_balanced(self, labels: torch.Tensor) -> dict[int, int]:
         """CBRS (Chrysakis & Moens 2020) for the batch: slot -> row of the batch."""
@@ -245,7 +267,8 @@ class ReplayBuffer:
             have = "stores logits" if self.stores_logits else "stores no logits"
             raise DataError(f"this buffer {have} (decided by the first add), but this add passes "
                             f"{'logits' if logits is not None else 'none'}; pass logits on every add or on none.")
-        return inputs.detach(), labels, task_ids, None if logits is None else logits.detach()
+        return (inputs.detach() if inputs.requires_grad else inputs), labels, task_ids, \
+            None if logits is None else logits.detach()
 
     # ----- sampling ----------------------------------------------------------------------------
 
@@ -289,6 +312,8 @@ class ReplayBuffer:
             "capacity": self.capacity,
             "policy": self.policy,
             "seen": self._seen,
+            "next_entry": self._next_entry,
+            "w": self._w,
             "generator": self.generator.get_state().clone(),
             "class_ids": torch.tensor(classes, dtype=torch.int64),
             "class_seen": torch.tensor([self._class_seen[c] for c in classes], dtype=torch.int64),
@@ -315,6 +340,13 @@ class ReplayBuffer:
         seen = state["seen"]
         if not isinstance(seen, int) or seen < 0:
             raise CheckpointError(f"replay-buffer state has an invalid 'seen' count {seen!r}.")
+        next_entry, w = state.get("next_entry", -1), state.get("w", 1.0)
+        if not (isinstance(next_entry, int) and isinstance(w, float) and 0.0 < w <= 1.0
+                and (next_entry == -1 or next_entry >= seen)):
+            raise CheckpointError(f"replay-buffer state has an invalid reservoir position {next_entry!r} / W {w!r}.")
+        if self.policy == "reservoir" and seen > self.capacity and next_entry < 0:
+            raise CheckpointError("replay-buffer state of a full reservoir lacks its 'next_entry' and 'w' (a state "
+                                  "from an older version); start the run again.")
         stored = min(seen, self.capacity)
         has_data = "inputs" in state
         if stored > 0 and not has_data:
@@ -341,6 +373,7 @@ class ReplayBuffer:
             raise CheckpointError(f"replay-buffer state holds an invalid generator state ({e}).") from None
         # Checked: now replace everything at once.
         self.generator, self._seen = gen, seen
+        self._next_entry, self._w = next_entry, w
         self._class_seen = dict(zip(ids.tolist(), counts.tolist()))
         self._inputs = self._labels = self._task_ids = self._logits = self._logit_widths = None
         self._cpu_labels = None
@@ -368,6 +401,9 @@ def _describe(x) -> str:
 
 def _int_vector(name: str, values, b: int) -> torch.Tensor:
     """``values`` as an int64 CPU vector of length ``b``, or a DataError naming what is wrong."""
+    if isinstance(values, torch.Tensor) and values.dtype == torch.int64 and values.shape == (b,) \
+            and values.device.type == "cpu":
+        return values  # already one (the strategies' batches)
     try:
         t = values if isinstance(values, torch.Tensor) else torch.as_tensor(values)
     except (TypeError, ValueError, RuntimeError):

@@ -184,8 +184,8 @@ class ExperienceData(Dataset):
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(indices if isinstance(indices, torch.Tensor) else list(indices), dtype=torch.long)
-        take = getattr(self.data, "take", None)  # one gather where the images are one tensor
-        images = take(index)[0] if take is not None else torch.stack([self.data[i][0] for i in index.tolist()])
+        take = getattr(self.data, "take_images", None)  # one gather where the images are one tensor
+        images = take(index) if take is not None else torch.stack([self.data[i][0] for i in index.tolist()])
         return images, self.targets.index_select(0, index), torch.full((len(index),), self.task_id, dtype=torch.long)
 
     def batches(self, batch_size: int):

@@ -77,13 +77,17 @@ class LabelledImages(Dataset):
 
     def take(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """The images (a copy) and labels at ``indices``, gathered at once rather than item by item."""
-        # one index tensor for both gathers; index_select costs half of advanced indexing at small batches
+        # one index tensor for both gathers
         if not isinstance(indices, torch.Tensor):
             indices = torch.as_tensor(indices, dtype=torch.long)
+        return self.take_images(indices), self.labels.index_select(0, indices)
+
+    def take_images(self, indices: torch.Tensor) -> torch.Tensor:
+        """The images at ``indices`` (a long tensor), a copy; index_select costs half of advanced indexing."""
         images = self.images.index_select(0, indices)
         if self.permutation is not None:
             images = images.flatten(2)[:, :, self.permutation].view(images.shape)
-        return images, self.labels.index_select(0, indices)
+        return images
 
     def __getitems__(self, indices) -> Gathered:
         """What a DataLoader fetches for one batch: one gather instead of a ``__getitem__`` per item."""

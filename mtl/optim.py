@@ -54,15 +54,20 @@ def direct_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
 
     torch's ``Optimizer.step`` runs the step hooks inside a profiler annotation and switches
     TorchDynamo off on every call: on a CPU about 80 us, as long as the fused update of a small
-    network itself. For a fused ``torch.optim.SGD`` the returned function calls the functional
-    update that ``SGD.step`` calls (``torch.optim.sgd.sgd``) on the same groups and state, and
-    stores the momentum buffers back as ``SGD.step`` does (tests compare the two bit for bit).
-    It defers to ``optimizer.step()`` whenever something expects that call: step hooks, a
-    learning-rate scheduler's wrapper of ``step``, differentiable groups, any other optimizer.
+    network itself. For a fused ``torch.optim.SGD`` the returned function runs the fused kernel
+    that ``SGD.step`` runs (``torch._fused_sgd_``) on the same groups and state: directly where
+    every parameter of a group with a gradient has a momentum buffer and the group is on one
+    device in one dtype (then there is nothing to sort out), otherwise through the functional
+    update ``SGD.step`` calls (``torch.optim.sgd.sgd``), storing the momentum buffers back as
+    ``SGD.step`` does (tests compare both paths with ``SGD.step`` bit for bit). It defers to
+    ``optimizer.step()`` whenever something expects that call: step hooks, a learning-rate
+    scheduler's wrapper of ``step``, differentiable groups, any other optimizer.
     """
     if not (type(optimizer) is torch.optim.SGD and hasattr(optimizer, "_init_group")
             and all(g.get("fused") and not g.get("differentiable") for g in optimizer.param_groups)):
         return optimizer.step
+    kernel = getattr(torch, "_fused_sgd_", None)
+    one_kind: dict[int, bool] = {}  # id(group) -> whether its parameters share one device and dtype
 
     def step() -> None:
         if _step_is_observed(optimizer):
@@ -70,17 +75,37 @@ def direct_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
             return
         with torch.no_grad():
             for group in optimizer.param_groups:
-                params, grads, buffers = [], [], []
-                sparse = optimizer._init_group(group, params, grads, buffers)
-                sgd(params, grads, buffers, weight_decay=group["weight_decay"], momentum=group["momentum"],
-                    lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
-                    maximize=group["maximize"], has_sparse_grad=sparse, foreach=None, fused=True,
-                    grad_scale=None, found_inf=None)
-                if group["momentum"] != 0:
-                    for p, buffer in zip(params, buffers):
-                        optimizer.state[p]["momentum_buffer"] = buffer
+                momentum = group["momentum"]
+                params = [p for p in group["params"] if p.grad is not None]  # SGD.step skips the others too
+                grads = [p.grad for p in params]
+                buffers = [optimizer.state.get(p, _NO_STATE).get("momentum_buffer") for p in params] if momentum else []
+                if id(group) not in one_kind:
+                    one_kind[id(group)] = len({(p.device, p.dtype) for p in group["params"]}) <= 1
+                if kernel is None or not one_kind[id(group)] or any(b is None for b in buffers):
+                    _functional_step(optimizer, group)
+                    continue
+                if params:
+                        kernel(params, grads, buffers, weight_decay=group["weight_decay"], momentum=momentum,
+                           lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+                           maximize=group["maximize"], is_first_step=False)
 
     return step
+
+
+_NO_STATE: dict = {}  # what a parameter the optimizer has not stepped yet has (not added to its state)
+
+
+def _functional_step(optimizer: torch.optim.SGD, group: dict) -> None:
+    """One group's update as ``SGD.step`` does it (the first step, parameters without a gradient, mixed devices)."""
+    params, grads, buffers = [], [], []
+    sparse = optimizer._init_group(group, params, grads, buffers)
+    sgd(params, grads, buffers, weight_decay=group["weight_decay"], momentum=group["momentum"],
+        lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+        maximize=group["maximize"], has_sparse_grad=sparse, foreach=None, fused=True,
+        grad_scale=None, found_inf=None)
+    if group["momentum"] != 0:
+        for p, buffer in zip(params, buffers):
+            optimizer.state[p]["momentum_buffer"] = buffer
 
 
 def _step_is_observed(optimizer: torch.optim.Optimizer) -> bool:

@@ -124,6 +124,8 @@ class Trainer:
         else:
             self._optimizer_step, self._zero_grad = self.optimizer.step, lambda: self.optimizer.zero_grad(set_to_none=True)
         self._base_lrs = [g["lr"] for g in optimizer.param_groups]
+        kind = type(self.objective)  # an objective without a schedule has nothing to hear before each step
+        self._scheduled = kind.set_progress is not Objective.set_progress or kind.lr_factor is not Objective.lr_factor
         if self.objective.lr_factor(0.0) is not None and self.scheduler is not None:
             raise ConfigError(f"{type(self.objective).__name__} anneals the learning rate itself; use scheduler='none' "
                               f"(got '{config.scheduler}').")
@@ -289,7 +291,8 @@ class Trainer:
                    desc=f"epoch {self.progress.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and acc.is_local_main_process))
         for batch in bar:
-            self._apply_schedule()
+            if self._scheduled:
+                self._apply_schedule()
             result = self.train_step(batch)
             self.progress.batch += 1
             self.progress.step += 1

@@ -72,6 +72,30 @@ def test_reservoir_keeps_every_sample_with_equal_probability(policy):
     assert (counts / trials - 0.2).abs().max() < 0.04
 
 
+def test_reservoir_admits_the_nth_sample_with_probability_capacity_over_n_into_a_uniform_slot():
+    """Algorithm R's law, which the gap draws of Algorithm L reproduce: sample n (n > capacity) enters with
+    probability capacity / n, independently of the samples before it, into a uniformly chosen slot."""
+    capacity, n, trials = 4, 16, 1500
+    entered = torch.zeros(n)
+    slots = torch.zeros(capacity)
+    for trial in range(trials):
+        buf = ReplayBuffer(capacity, seed=trial)
+        for i in range(n):
+            buf.add(torch.tensor([[float(i)]]), torch.zeros(1, dtype=torch.long), 0)
+            where = (buf.contents().inputs.squeeze(1) == i).nonzero().flatten()
+            entered[i] += len(where)
+            if i >= capacity and len(where):
+                slots[where] += 1
+    positions = torch.arange(capacity + 1, n + 1, dtype=torch.float64)  # 1-based stream positions
+    p = capacity / positions
+    observed = entered[capacity:].double()
+    statistic = float(((observed - trials * p) ** 2 / (trials * p * (1 - p))).sum())
+    assert stats.chi2.sf(statistic, df=len(p)) > ALPHA, (statistic, (observed / trials).tolist())
+    assert torch.equal(entered[:capacity], torch.full((capacity,), float(trials)))  # the first ones fill it
+    expected = slots.sum() / capacity
+    assert stats.chisquare(slots.numpy(), [expected] * capacity).pvalue > ALPHA, slots.tolist()
+
+
 def test_uniformity_test_rejects_biased_policies():
     capacity, n, trials = 10, 50, 2000
 

@@ -23,6 +23,35 @@ def test_er_keeps_a_bounded_memory_and_forgets_less_than_finetune_in_class_il(tm
     assert replay.results()["metrics"]["acc"] > finetune.results()["metrics"]["acc"] + 0.15
 
 
+@pytest.mark.parametrize("setting", ["task", "class"])
+def test_er_steps_on_the_current_and_a_memory_batch_as_one_batch(tmp_path, setting):
+    """Chaudhry et al. 2019, Algorithm 1: one SGD step on B u B_M, the mean cross-entropy over both; the batch
+    enters the memory after the step's draw, and the strategy's own losses see the current rows only."""
+    from continual.strategies.base import ContinualObjective
+
+    runner = make_runner(tmp_path, setting, strategy="er", buffer_size=8)
+    learner, strategy = runner.learner, runner.strategy
+    learner.prepare(learner.stream[0])
+    objective = ContinualObjective(strategy, learner)
+    assert objective.loss_names == ["current"]
+    torch.manual_seed(0)
+    first = (torch.rand(6, 1, 28, 28), torch.tensor([0, 1, 1, 0, 1, 0]), torch.zeros(6, dtype=torch.long))
+    losses, rep = objective.losses(learner.model, first)  # empty memory: the current batch alone
+    plain = learner.loss(learner.logits(learner.model, learner.encode(learner.model, first[0], first[2]), first[2]),
+                         first[1])
+    torch.testing.assert_close(losses["current"], plain)
+    assert len(rep) == 6 and len(strategy.buffer) == 6
+    second = (torch.rand(4, 1, 28, 28), torch.tensor([1, 0, 0, 1]), torch.zeros(4, dtype=torch.long))
+    draw = strategy.buffer.generator.get_state()
+    memory = strategy.buffer.sample(4)
+    strategy.buffer.generator.set_state(draw)  # the objective draws the same memory batch
+    losses, rep = objective.losses(learner.model, second)
+    x, y, t = (torch.cat(pair) for pair in zip(second, (memory.inputs, memory.labels, memory.task_ids)))
+    union = learner.loss(learner.logits(learner.model, learner.encode(learner.model, x, t), t), y)
+    torch.testing.assert_close(losses["current"], union)
+    assert len(rep) == 8 and strategy.buffer.seen == 10
+
+
 def test_der_stores_the_logits_the_model_gave_when_it_saw_the_sample(tmp_path):
     runner = make_runner(tmp_path, "task", strategy="der", buffer_size=8)
     learner, strategy = runner.learner, runner.strategy

@@ -24,6 +24,7 @@ from mtl.batches import Gathered, InProcessLoader, collate
 from mtl.config import TrainerConfig
 from mtl.optim import build_optimizer, clear_grads, direct_step
 from mtl.sampling import EpochShuffleSampler
+from mtl.weighting import build_weighting
 from mtl.weighting.base import plain_backward, weighted_sum
 
 from conftest import make_trainer
@@ -67,6 +68,33 @@ def test_direct_step_matches_sgd_step_bit_for_bit(sgd):
         assert (ref_buf is None) == (buf is None)
         if ref_buf is not None:
             assert torch.equal(ref_buf, buf)
+
+
+def test_direct_step_matches_sgd_step_with_parameters_that_get_no_gradient():
+    """A layer in the optimizer that the loss never uses (an old task's head): SGD.step skips it, and so does
+    the fused kernel called directly once the other parameters have their momentum buffers."""
+
+    def train(step_with):
+        torch.manual_seed(0)
+        body, unused = nn.Linear(5, 3), nn.Linear(3, 3)
+        opt = torch.optim.SGD([*body.parameters(), *unused.parameters()], lr=0.1, momentum=0.9, fused=True)
+        step = step_with(opt)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x, y = torch.randn(4, 5, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+            F.cross_entropy(body(x), y).backward()
+            step()
+            clear_grads(opt)
+        return [*body.parameters(), *unused.parameters()], opt
+
+    ref_params, ref_opt = train(lambda opt: opt.step)
+    params, opt = train(direct_step)
+    for a, b in zip(ref_params, params):
+        assert torch.equal(a, b)
+    ref_state, state = ref_opt.state_dict()["state"], opt.state_dict()["state"]
+    assert list(state) == list(ref_state) == [0, 1]  # no entry for the unused layer
+    for k in state:
+        assert torch.equal(ref_state[k]["momentum_buffer"], state[k]["momentum_buffer"])
 
 
 def test_direct_step_defers_to_step_for_hooks_and_schedulers():
@@ -211,3 +239,23 @@ def test_plain_backward_only_where_accelerate_adds_nothing():
     for change in ({"scaler": object()}, {"mixed_precision": "fp16"}, {"gradient_accumulation_steps": 2},
                    {"distributed_type": "DEEPSPEED"}):
         assert not plain_backward(types.SimpleNamespace(**{**base, **change}))
+
+
+def test_plain_run_backward_gives_loss_backward_gradients_and_keeps_its_seed():
+    weighting = build_weighting("equal", ["a"])
+    net = _net()
+    x, y = torch.randn(4, 5), torch.tensor([0, 2, 1, 0])
+    F.cross_entropy(net(x), y).backward()
+    expected = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    weighting.run_backward(F.cross_entropy(net(x), y))
+    for p, g in zip(net.parameters(), expected):
+        assert torch.equal(p.grad, g)
+    leaf = torch.tensor(3.0, requires_grad=True)  # a loss that is itself a leaf gets a gradient of its own
+    weighting.run_backward(leaf)
+    leaf.grad.add_(10.0)
+    other = torch.tensor(5.0, requires_grad=True)
+    weighting.run_backward(other * 2)
+    assert leaf.grad.item() == 11.0 and other.grad.item() == 2.0
+    with pytest.raises(RuntimeError, match="scalar"):
+        weighting.run_backward(net(x).sum(1))

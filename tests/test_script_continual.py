@@ -21,7 +21,7 @@ FAST = ["--epochs", "1", "--batch-size", "64", "--no-progress", "--no-tensorboar
 def test_compare_writes_one_table_with_acc_bwt_forgetting_and_wall_time(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert continual_mnist.main(["--compare", "--strategies", "finetune,er", "--seeds", "0,1", "--setting", "class",
-                                 "--out", str(out), *FAST]) == 0
+                                 "--out", str(out), *FAST, "--batch-size", "32"]) == 0  # 25 steps per experience
     table = (out / "results.md").read_text()
     assert "| strategy | ACC (%) | BWT (%) | forgetting (%) | Task-IL ACC, same runs (%) | wall time (s) |" in table
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -69,7 +69,7 @@ def test_a_diverging_strategy_is_reported_and_does_not_stop_the_comparison(tmp_p
     monkeypatch.setattr(continual_mnist, "run_one", flaky)
     out = tmp_path / "cmp"
     assert continual_mnist.main(["--compare", "--strategies", "l2,finetune", "--seeds", "0", "--setting", "task",
-                                 "--out", str(out), *FAST]) == 0
+                                 "--out", str(out), *FAST, "--batch-size", "32"]) == 0  # 25 steps per experience
     table = (out / "results.md").read_text()
     assert "| l2 (1 of 1 runs diverged) | - |" in table and "| finetune | " in table
     # a single run still stops with the error

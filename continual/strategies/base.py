@@ -12,8 +12,8 @@ replay buffer -- goes into the run's checkpoints through ``get_extra_state``):
   baseline trains on every experience seen so far);
 - ``extra_losses(learner, model, batch, z, logits)``: named losses beside ``"current"``,
   the cross-entropy on the current batch;
-- ``joint_batch(learner, batch)`` / ``joint_losses(...)``: samples forwarded in the same pass
-  as the current batch, and the losses on them (ER's memory batch);
+- ``joint_batch(learner, batch)``: samples trained as part of the current batch, in the same
+  forward pass and the same ``"current"`` mean (ER's memory batch: one step on B u B_M);
 - ``weighting(learner, loss_names)``: how the losses become a gradient (a static sum by default;
   A-GEM and GEM project the gradient instead);
 - ``after_step(learner, model)``: after every optimizer step (path integrals);
@@ -70,15 +70,11 @@ class Strategy(nn.Module):
         return {}
 
     def joint_batch(self, learner, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Samples ``(inputs, targets, task_ids)`` to forward in the same pass as the current batch, or None.
+        """``(inputs, targets, task_ids)`` trained together with the current batch as one batch, or None.
 
-        Their rows are appended to the batch's, so layers that look at the whole batch (batch
-        norm) see both; ``joint_losses`` gets their representation and logits."""
+        They go through the model in the same forward pass (layers that mix a batch, such as batch
+        norm, see both) and into the same ``"current"`` cross-entropy, one mean over all rows."""
         return None
-
-    def joint_losses(self, learner, model, joint, z, logits) -> dict[str, torch.Tensor]:
-        """Losses on the ``joint_batch`` rows (``z`` and ``logits`` are theirs only)."""
-        return {}
 
     def loss_weights(self) -> dict[str, float]:
         """The weight of each extra loss in the static sum (1 unless the method has a coefficient)."""
@@ -120,16 +116,13 @@ class ContinualObjective(Objective):
     def losses(self, model, batch):
         x, y, task_ids = batch[:3]  # a strategy's own data may add fields (LwF's recorded outputs)
         joint = self.strategy.joint_batch(self.learner, batch)
-        if joint is not None:
-            x, task_ids = torch.cat([x, joint[0]]), torch.cat([task_ids, joint[2]])
+        if joint is not None:  # the joint rows follow the current ones
+            x, y, task_ids = (torch.cat(pair) for pair in zip((x, y, task_ids), joint))
         rep = self.learner.encode(model, x, task_ids)
         logits = self.learner.logits(model, rep, task_ids)
-        z, joint_losses = rep, {}
-        if joint is not None:  # the current rows come first; one split node each instead of two slices
-            sizes = [len(y), len(joint[1])]
-            (z, joint_z), (logits, joint_logits) = rep.split(sizes), logits.split(sizes)
-            joint_losses = self.strategy.joint_losses(self.learner, model, joint, joint_z, joint_logits)
-        losses = {CURRENT: self.learner.loss(logits, y), **joint_losses}
+        losses = {CURRENT: self.learner.loss(logits, y)}
+        rows = len(batch[1])  # the strategy's own losses see the current batch's rows only
+        z, logits = (rep, logits) if joint is None else (rep[:rows], logits[:rows])
         losses.update(self.strategy.extra_losses(self.learner, model, batch, z, logits))
         return losses, rep
 

@@ -5,8 +5,8 @@ The memory is a ``ReplayBuffer`` (per-sample reservoir sampling along the stream
 size, then offers its own samples to the memory. Memory targets are head targets, with
 the sample's task id, so Task-IL replay reads each sample's own head.
 
-- ``er``: cross-entropy on the memory batch, summed with the current loss (Chaudhry et
-  al. 2019, "On tiny episodic memories"); both batches in one forward pass.
+- ``er``: the current and the memory batch trained as one batch, one mean cross-entropy
+  (Chaudhry et al. 2019, "On tiny episodic memories", Algorithm 1); one forward pass.
 - ``agem``: the memory loss is A-GEM's reference gradient; the ``AGEM`` weighting
   projects the current gradient instead of adding (Chaudhry et al., ICLR 2019).
 - ``gem``: one memory loss per past experience (its samples in the memory); the ``GEM``
@@ -47,8 +47,7 @@ class Replay(Strategy):
     def extra_losses(self, learner, model, batch, z, logits):
         x, y, task_ids = batch
         losses = self.memory_losses(learner, model, len(x), z)
-        self.buffer.add(x.detach().cpu(), y.cpu(), task_ids.cpu(),
-                        logits.detach().float().cpu() if self.store_logits else None)
+        self.buffer.add(x, y, task_ids, logits if self.store_logits else None)  # the buffer detaches and moves them
         return losses
 
     def memory_batch(self, size: int, device):
@@ -75,23 +74,20 @@ class Replay(Strategy):
 
 
 class ER(Replay):
-    """The memory batch is appended to the current one and both go through the model in one pass, as in
-    Chaudhry et al. (2019, Algorithm 1: the gradient of the loss on B u B_M); the two losses stay apart
-    (``current``, ``memory``), so any weighting can combine them."""
+    """Each step trains on the current batch and a memory batch of the same size as one batch: the mean
+    cross-entropy over B u B_M, both forwarded in one pass (Chaudhry et al. 2019, Algorithm 1: the SGD
+    step on B_n u B_M). To balance the current and the replayed loss with a weighting instead, see
+    ``agem``, ``gem`` or ``Replay``, whose memory loss stays a loss of its own."""
 
     name = "er"
+    extra_loss_names = ()
 
     def joint_batch(self, learner, batch):
         mem = self.memory_batch(len(batch[0]), batch[0].device)
         return None if mem is None else (mem.inputs, mem.labels, mem.task_ids)
 
-    def joint_losses(self, learner, model, joint, z, logits):
-        return {"memory": learner.loss(logits, joint[1])}
-
     def memory_losses(self, learner, model, size, z):
-        # extra_losses runs before the current batch enters the memory: an empty memory here is
-        # one joint_batch found empty; otherwise joint_losses gave the memory loss
-        return {"memory": z.new_zeros(())} if len(self.buffer) == 0 else {}
+        return {}  # the memory rows are part of the current batch
 
 
 class AGEM(Replay):

@@ -26,6 +26,19 @@ from torch import nn
 from ..errors import ConfigError
 
 
+_UNITS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _unit(loss: torch.Tensor) -> torch.Tensor:
+    """A scalar 1 of the loss's dtype and device, made once. The engine never writes to its seed gradient,
+    and holding a reference keeps it from handing this tensor to a leaf as its ``.grad``."""
+    key = (loss.dtype, loss.device)
+    unit = _UNITS.get(key)
+    if unit is None:
+        unit = _UNITS[key] = torch.ones((), dtype=loss.dtype, device=loss.device)
+    return unit
+
+
 class Weighting(nn.Module):
     #: set by methods that need ``shared_params`` or ``rep`` in ``backward``
     needs_shared_params: bool = False
@@ -45,8 +58,12 @@ class Weighting(nn.Module):
     def run_backward(self, loss: torch.Tensor) -> None:
         if self.accelerator is not None and not self._plain_backward:
             self.accelerator.backward(loss)
+        elif loss.ndim == 0:
+            # loss.backward() with the seed gradient given: Tensor.backward's checks and the ones_like
+            # it makes cost more than a small network's whole backward pass on a CPU
+            torch.autograd.backward((loss,), (_unit(loss),))
         else:
-            loss.backward()
+            loss.backward()  # the error for a non-scalar loss
 
     def apply_gradients(self, tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """Back-propagate ``grads`` from ``tensors`` in one backward pass.
