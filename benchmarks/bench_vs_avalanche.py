@@ -219,8 +219,8 @@ DIFFERENCES = [
     "same lambda regularises less).",
     "ER: ours is a per-sample reservoir updated at every step (current samples included) and replays from the "
     "first batch; Avalanche's ReservoirSamplingBuffer is updated at the end of each experience and replays from the "
-    "second. Both forward the current batch concatenated with a memory batch of the same size in one pass; our loss "
-    "is CE(current rows) + CE(memory rows), Avalanche's one mean CE over both (half our sum).",
+    "second. Both train on the current batch concatenated with a memory batch of the same size as one batch: one "
+    "forward pass, one mean CE over both (Chaudhry et al. 2019, Algorithm 1).",
     "LwF: the soft cross-entropy (ours) and the KL divergence (Avalanche's) to the previous model's softened "
     "outputs on the old classes differ by a constant: the same gradient, the same alpha and temperature. Ours "
     "records those outputs once per experience before training (LwF's Algorithm 1), Avalanche runs the old model "

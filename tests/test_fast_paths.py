@@ -1,12 +1,15 @@
 """The per-step shortcuts of the training loop give what the general code paths give.
 
-- ``direct_step``: the same parameters and momentum buffers as ``SGD.step``, bit for bit,
-  and ``optimizer.step()`` itself whenever hooks or a scheduler expect that call;
+- ``direct_step``: the same parameters and momentum buffers as ``SGD.step``, bit for bit
+  (through the functional update and the fused kernel directly, parameters without a
+  gradient included), and ``optimizer.step()`` itself whenever hooks or a scheduler expect
+  that call;
 - ``InProcessLoader``: the batches of a DataLoader with the same sampler, skipping and
   epochs included;
 - ``Gathered`` / ``collate``: a batch gathered at once equals item-by-item collation;
 - ``weighted_sum`` / ``plain_backward``: the sum the weighting took before, bit for bit,
-  and ``loss.backward()`` only where Accelerate would do nothing else.
+  and a plain backward pass only where Accelerate would do nothing else; its seed gradient,
+  made once, gives ``loss.backward()``'s gradients and never becomes a leaf's ``.grad``.
 """
 
 from __future__ import annotations
