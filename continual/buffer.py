@@ -306,7 +306,7 @@ class ReplayBuffer:
     # ----- checkpoints -------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Tensors, ints and the policy name only: loadable with ``torch.load(weights_only=True)``."""
+        """Tensors, numbers and the policy name only: loadable with ``torch.load(weights_only=True)``."""
         classes = sorted(self._class_seen)
         state = {
             "capacity": self.capacity,

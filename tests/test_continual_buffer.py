@@ -298,6 +298,14 @@ def test_bad_inputs_raise_clear_errors():
         with_logits.add(torch.zeros(2, 3), [0, 1], 0, logits=torch.zeros(3, 5))
     with pytest.raises(CheckpointError, match="--buffer-size 4"):
         ReplayBuffer(8).load_state_dict(with_logits.state_dict())
+    full = ReplayBuffer(2)
+    full.add(torch.zeros(5, 3), [0, 1, 0, 1, 0], 0)
+    for change, message in (({"w": 0.0}, "invalid reservoir position"), ({"next_entry": 1}, "invalid reservoir position"),
+                            ({"next_entry": -1}, "lacks its 'next_entry' and 'w'")):
+        target = ReplayBuffer(2)
+        with pytest.raises(CheckpointError, match=message):
+            target.load_state_dict({**full.state_dict(), **change})
+        assert target.seen == 0  # a refused state changes nothing
     with pytest.raises(ConfigError, match=r"herding count must be an integer in \[1, 3\]"):
         herding_selection(torch.randn(3, 2), 4)
     with pytest.raises(ConfigError, match="herding count"):
