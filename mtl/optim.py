@@ -33,11 +33,28 @@ def build_optimizer(params, cfg: TrainerConfig, device: torch.device | str | Non
         params = [{"params": g["params"], "lr": cfg.lr * g.get("lr_scale", 1.0)} for g in params]
     fused = {"fused": True} if device is not None and torch.device(device).type in FUSED_DEVICES else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
+        if fused and cfg.momentum:
+            _zero_momentum(optimizer, device)
+        return optimizer
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, **fused)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, **fused)
+
+
+def _zero_momentum(optimizer: torch.optim.SGD, device) -> None:
+    """A zero momentum buffer for every trainable parameter, made up front on ``device`` (where it will train).
+
+    torch's fused SGD makes its buffers at a step only if no parameter has one yet, and fails at a later
+    step that reaches a parameter without one: in Task-IL replay, an old task's head first reached by a
+    replayed sample of its task. Without dampening (never set here) a zero buffer gives the update a
+    missing one gives, bit for bit: momentum * 0 + g = g.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, device=device)
 
 
 def build_scheduler(optimizer, cfg: TrainerConfig):

@@ -100,6 +100,43 @@ def test_direct_step_matches_sgd_step_with_parameters_that_get_no_gradient():
         assert torch.equal(ref_state[k]["momentum_buffer"], state[k]["momentum_buffer"])
 
 
+@pytest.mark.parametrize("stepping", ["direct", "step"])
+def test_fused_sgd_from_build_optimizer_steps_parameters_whose_first_gradient_comes_late(stepping):
+    """torch's fused SGD alone fails once a parameter gets its first gradient after the others have momentum
+    buffers (an old task's head first reached by a replayed sample); build_optimizer's zero buffers give
+    the update a missing buffer gives: the same as the per-parameter SGD."""
+
+    def train(make):
+        torch.manual_seed(0)
+        body, late, frozen = nn.Linear(5, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+        frozen.requires_grad_(False)
+        params = [*body.parameters(), *late.parameters(), *frozen.parameters()]
+        opt, step = make(params)
+        gen = torch.Generator().manual_seed(1)
+        for k in range(5):
+            x, y = torch.randn(4, 5, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+            out = body(x) if k < 2 else late(body(x))
+            F.cross_entropy(out, y).backward()
+            step()
+            clear_grads(opt)
+        return params, opt
+
+    def ours(params):
+        opt = build_optimizer(params, TrainerConfig(optimizer="sgd", lr=0.1, momentum=0.9), device="cpu")
+        return opt, direct_step(opt) if stepping == "direct" else opt.step
+
+    def per_parameter(params):
+        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False)
+        return opt, opt.step
+
+    params, opt = train(ours)
+    ref_params, _ = train(per_parameter)
+    assert opt.param_groups[0]["fused"]
+    for a, b in zip(params, ref_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert len(opt.state_dict()["state"]) == 4  # buffers for the trainable parameters only
+
+
 def test_direct_step_defers_to_step_for_hooks_and_schedulers():
     net = _net()
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, fused=True)
