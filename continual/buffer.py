@@ -153,26 +153,18 @@ class ReplayBuffer:
             return plan
         if self._next_entry < 0:  # the memory is full from this batch on
             u_w, u_gap = self._uniforms(2)
-            self._w = self._next_w(1.0, u_w)
-            self._next_entry = self.capacity - 1 + self._gap(u_gap)
+            self._w = _next_w(1.0, u_w, self.capacity)
+            self._next_entry = self.capacity - 1 + _gap(self._w, u_gap)
         while self._next_entry < self._seen + b:
             u_slot, u_w, u_gap = self._uniforms(3)
             plan[min(int(u_slot * self.capacity), self.capacity - 1)] = self._next_entry - self._seen
-            self._w = self._next_w(self._w, u_w)
-            self._next_entry += self._gap(u_gap)
+            self._w = _next_w(self._w, u_w, self.capacity)
+            self._next_entry += _gap(self._w, u_gap)
         return plan
 
     def _uniforms(self, n: int) -> list[float]:
         """``n`` uniform draws on (0, 1] from the buffer's generator."""
         return [1.0 - u for u in torch.rand(n, dtype=torch.float64, generator=self.generator).tolist()]
-
-    def _next_w(self, w: float, u: float) -> float:
-        # the largest of the capacity keys in memory (uniform on (0, 1)) once the key above it left
-        return w * math.exp(math.log(u) / self.capacity)
-
-    def _gap(self, u: float) -> int:
-        """1 + how many samples pass before the next one enters: geometric, each entering with probability W."""
-        return math.floor(math.log(u) / math.log1p(-self._w)) + 1 if self._w < 1.0 else 1
 
     def _plan_balanced(self, labels: torch.Tensor) -> dict[int, int]:
         """CBRS (Chrysakis & Moens 2020) for the batch: slot -> row of the batch."""
@@ -397,6 +389,17 @@ def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
     return f"{type(x).__name__} {x!r}"[:200]
+
+
+def _next_w(w: float, u: float, capacity: int) -> float:
+    """Algorithm L's W after an entry: the largest of the ``capacity`` keys in memory (uniform on (0, 1)) once
+    the key above them left; ``u`` uniform on (0, 1]."""
+    return w * math.exp(math.log(u) / capacity)
+
+
+def _gap(w: float, u: float) -> int:
+    """1 + how many samples pass before the next one enters: geometric, each entering with probability ``w``."""
+    return math.floor(math.log(u) / math.log1p(-w)) + 1 if w < 1.0 else 1
 
 
 def _int_vector(name: str, values, b: int) -> torch.Tensor:

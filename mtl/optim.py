@@ -102,7 +102,7 @@ def direct_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
                     _functional_step(optimizer, group)
                     continue
                 if params:
-                        kernel(params, grads, buffers, weight_decay=group["weight_decay"], momentum=momentum,
+                    kernel(params, grads, buffers, weight_decay=group["weight_decay"], momentum=momentum,
                            lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
                            maximize=group["maximize"], is_first_step=False)
 
